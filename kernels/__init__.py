@@ -1,0 +1,17 @@
+"""Triton kernels and their PyTorch references (installed as ``attn_patch.kernels``).
+
+``reference`` needs only torch; ``flash`` needs triton and is imported lazily so that the
+package works on machines without it.
+"""
+from .reference import attention_flops, attention_reference, block_sparse_to_dense, visibility_mask
+
+
+def __getattr__(name):
+    if name in ("flash", "flash_attention"):
+        from . import flash
+
+        return flash if name == "flash" else flash.flash_attention
+    raise AttributeError(name)
+
+
+__all__ = ["attention_reference", "visibility_mask", "block_sparse_to_dense", "attention_flops", "flash_attention"]

@@ -1,0 +1,134 @@
+"""Plain PyTorch attention: the reference every Triton kernel in this package is tested against.
+
+Shapes follow transformers' attention interface: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] with
+Hq a multiple of Hkv (GQA heads are broadcast, never repeated in memory).
+
+Masking is described the same way the kernels take it:
+- ``causal``: query row i sits at key position ``i + q_offset`` and sees keys ``<=`` that position.
+  ``q_offset`` defaults to ``Tk - Tq`` (queries are the last Tq positions, as with a KV cache).
+- ``window``: sliding window size W; a query sees keys ``> pos - W`` (W keys including itself),
+  the convention of transformers' ``sliding_window_overlay``.
+- ``key_padding``: bool [B, Tk], True = real token.
+- ``dense_mask``: bool broadcastable to [B, Hq, Tq, Tk], True = attend (any other pattern).
+- ``block_indices`` / ``block_counts``: block-sparse selection, per (batch, head, query block)
+  the first ``count`` entries of a sorted list of key-block indices (block size ``block_size``).
+
+A query row with no visible key returns zeros and log-sum-exp ``-inf``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def visibility_mask(
+    tq: int,
+    tk: int,
+    *,
+    causal: bool,
+    q_offset: int | None = None,
+    window: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Bool [Tq, Tk]: which keys each query row may see from position rules alone."""
+    if q_offset is None:
+        q_offset = tk - tq
+    qpos = torch.arange(tq, device=device)[:, None] + q_offset
+    kpos = torch.arange(tk, device=device)[None, :]
+    keep = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if causal:
+        keep &= kpos <= qpos
+    if window is not None:
+        keep &= kpos > qpos - window
+    return keep
+
+
+def block_sparse_to_dense(
+    block_indices: torch.Tensor,
+    block_counts: torch.Tensor,
+    tq: int,
+    tk: int,
+    block_size: int,
+) -> torch.Tensor:
+    """Expand a compact block list to a bool [B, H, Tq, Tk] token mask."""
+    b, h, nqb, _ = block_indices.shape
+    nkb = (tk + block_size - 1) // block_size
+    slot = torch.arange(block_indices.shape[-1], device=block_indices.device)
+    valid = slot[None, None, None, :] < block_counts[..., None]
+    blocks = torch.zeros(b, h, nqb, nkb + 1, dtype=torch.bool, device=block_indices.device)
+    # invalid slots are routed to a spare column and dropped
+    idx = torch.where(valid, block_indices.long(), torch.full_like(block_indices.long(), nkb))
+    blocks.scatter_(-1, idx, True)
+    blocks = blocks[..., :nkb]
+    dense = blocks.repeat_interleave(block_size, dim=2).repeat_interleave(block_size, dim=3)
+    return dense[:, :, :tq, :tk]
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    q_offset: int | None = None,
+    window: int | None = None,
+    key_padding: torch.Tensor | None = None,
+    dense_mask: torch.Tensor | None = None,
+    block_indices: torch.Tensor | None = None,
+    block_counts: torch.Tensor | None = None,
+    block_size: int = 64,
+    query_chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention in float32. Returns (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] fp32).
+
+    Differentiable through autograd. Query rows are processed in chunks of ``query_chunk`` so the
+    score matrix never exceeds Hq * query_chunk * Tk floats per batch element.
+    """
+    bsz, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    group = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    if q_offset is None:
+        q_offset = tk - tq
+
+    keep = visibility_mask(tq, tk, causal=causal, q_offset=q_offset, window=window, device=q.device)
+    keep = keep[None, None]  # [1, 1, Tq, Tk]
+    if key_padding is not None:
+        keep = keep & key_padding.bool()[:, None, None, :]
+    if dense_mask is not None:
+        keep = keep & dense_mask.bool()
+    if block_indices is not None:
+        keep = keep & block_sparse_to_dense(block_indices, block_counts, tq, tk, block_size)
+    keep = keep.expand(bsz, hq, tq, tk).reshape(bsz, hkv, group, tq, tk)
+
+    qf = q.float().reshape(bsz, hkv, group, tq, d)
+    kf = k.float()[:, :, None]
+    vf = v.float()[:, :, None]
+    outs, lses = [], []
+    for s in range(0, tq, query_chunk):
+        e = min(tq, s + query_chunk)
+        scores = torch.matmul(qf[..., s:e, :], kf.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~keep[..., s:e, :], float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True).detach()
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        expd = torch.exp(scores - row_max)
+        denom = expd.sum(dim=-1, keepdim=True)
+        probs = expd / torch.where(denom > 0, denom, torch.ones_like(denom))
+        outs.append(torch.matmul(probs, vf))
+        lses.append((row_max + torch.log(denom)).squeeze(-1))
+    out = torch.cat(outs, dim=-2).reshape(bsz, hq, tq, d).to(q.dtype)
+    lse = torch.cat(lses, dim=-1).reshape(bsz, hq, tq)
+    return out, lse
+
+
+def attention_flops(batch: int, heads: int, tq: int, tk: int, head_dim: int, causal: bool) -> float:
+    """Forward FLOPs of attention (two matmuls), halved for a causal square problem."""
+    flops = 4.0 * batch * heads * tq * tk * head_dim
+    if causal and tq == tk:
+        flops /= 2
+    return flops
+
+
+__all__ = ["attention_reference", "visibility_mask", "block_sparse_to_dense", "attention_flops"]
