@@ -23,7 +23,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 MAX_HEAD_DIM = 128
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def interpreting() -> bool:
@@ -40,7 +40,12 @@ def _mma(a, b, acc):
     if _INTERPRET:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc)
+    if a.dtype == tl.float32:
+        # float32 inputs stay exact (no TF32): they exist for tests and reference-grade runs
+        r = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        r = tl.dot(a, b, acc)
+    return r
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,7 +606,7 @@ def _check(q, k, v, key_padding, dense_mask):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the fused kernel takes float16 or bfloat16, got {q.dtype}; "
+        raise TypeError(f"the fused kernel takes float16, bfloat16 or float32, got {q.dtype}; "
                         "use attention_reference (or backend='reference') for other dtypes")
     d = q.shape[-1]
     if d > MAX_HEAD_DIM or d < 8 or k.shape[-1] != d or v.shape[-1] != d:

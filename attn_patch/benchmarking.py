@@ -1,0 +1,80 @@
+"""Shared pieces of the benchmark scripts: environment description, timing, the results file."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+FIELDS = [
+    "date", "gpu", "torch", "triton", "transformers", "bench", "provider", "mode", "dtype",
+    "batch", "heads_q", "heads_kv", "q_len", "kv_len", "head_dim", "causal", "extra",
+    "median_ms", "p20_ms", "p80_ms", "tflops",
+]
+
+
+def environment() -> dict:
+    """GPU name and library versions, recorded with every row."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'unknown'})"
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "gpu": gpu,
+        "torch": torch.__version__.split("+")[0],
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+    }
+
+
+def time_cuda(fn, warmup_ms: float = 25, rep_ms: float = 200, grad_to_none=None) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn`` with CUDA events (triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    p50, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                             quantiles=[0.5, 0.2, 0.8])
+    return p50, p20, p80
+
+
+def append_rows(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Append result rows (dicts with FIELDS keys) to a CSV file, writing the header once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in FIELDS})
+    return path
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    """Render rows as a fixed-width text table (returned and printed)."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text)
+    return text
