@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# kernels may only read globals declared as constexpr
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -191,7 +193,7 @@ def _flash_fwd(Q, K, V, O, LSE, KPM, DM,
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     # natural-log LSE; -inf for rows that saw no key
-    lse = (m_i + tl.math.log2(l_i)) * LN2
+    lse = (m_i + tl.math.log2(l_i)) * _LN2
     tl.store(LSE + pid_bh * TQ + offs_m, lse, mask=m_ok)
 
 
@@ -241,7 +243,7 @@ def _bwd_kv_block_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, str
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         # rows that saw no key have lse = -inf; they get p = 0
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
         qkT = _mma(k, tl.trans(q), None) * qk_scale
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASKED or HAS_KPM or HAS_DMASK:
@@ -414,7 +416,7 @@ def _flash_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, DM,
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=ld_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=ld_mask, other=0.0)
     lse = tl.load(LSE + pid_bh * TQ + offs_m, mask=m_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     delta = tl.load(DELTA + pid_bh * TQ + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -447,12 +449,13 @@ def _flash_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, DM,
 
 
 @triton.jit
-def _flash_decode_split(Q, K, V, OPART, LPART, KPM,
+def _flash_decode_split(Q, K, V, OPART, LPART, KPM, O, LSE,
                         stride_qb, stride_qh, stride_qm,
                         stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn,
-                        stride_kpb, stride_kpn,
+                        stride_kpb, stride_kpn, stride_ob, stride_oh, stride_om,
                         HQ, HKV, GROUP, TQ, TK, q_offset, window, qk_scale, split_len, NUM_SPLITS,
+                        DIRECT: tl.constexpr,
                         IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -503,9 +506,14 @@ def _flash_decode_split(Q, K, V, OPART, LPART, KPM,
     l_div = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_div[:, None]
     lse2 = m_i + tl.math.log2(l_i)  # log2 domain, -inf if this split saw nothing
-    row_id = ((b * HQ + h) * TQ + t) * NUM_SPLITS + split
-    tl.store(OPART + row_id[:, None] * HEAD_DIM + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
-    tl.store(LPART + row_id, lse2, mask=r_ok)
+    if DIRECT:  # a single split: write the final result, no merge launch
+        tl.store(O + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_om + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + (b * HQ + h) * TQ + t, lse2 * _LN2, mask=r_ok)
+    else:
+        row_id = ((b * HQ + h) * TQ + t) * NUM_SPLITS + split
+        tl.store(OPART + row_id[:, None] * HEAD_DIM + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
+        tl.store(LPART + row_id, lse2, mask=r_ok)
 
 
 @triton.jit
@@ -529,7 +537,7 @@ def _flash_decode_merge(OPART, LPART, O, LSE, stride_ob, stride_oh, stride_om, H
     out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(O + b * stride_ob + h * stride_oh + t * stride_om + offs_d, out.to(O.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
-    tl.store(LSE + row, (m_use + tl.math.log2(total)) * LN2)
+    tl.store(LSE + row, (m_use + tl.math.log2(total)) * _LN2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,15 +561,27 @@ _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_flash_bwd_dq)
 
 # the interpreter runs one small tile so odd shapes cross several blocks in tests
 _INTERPRET_BLOCK = {"BLOCK_M": 16, "BLOCK_N": 16}
+# ATTN_PATCH_AUTOTUNE=0 skips autotuning (tests, reproducible launches): the first config is used
+_FIXED = {id(_flash_fwd): _FWD_CONFIGS[0], id(_flash_bwd_dkdv): _DKDV_CONFIGS[0], id(_flash_bwd_dq): _DQ_CONFIGS[0]}
 
 
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 16))
 
 
+# float32 (exact IEEE dots) is for tests and reference-grade runs: one small tile, no tuning
+_FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+
+
 def _launch(tuned, plain, grid, args, meta):
     if interpreting():
         plain[grid(_INTERPRET_BLOCK)](*args, **meta, **_INTERPRET_BLOCK)
+    elif args[0].dtype == torch.float32:
+        cfg = _FP32_CONFIG
+        plain[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif os.environ.get("ATTN_PATCH_AUTOTUNE", "1") == "0":
+        cfg = _FIXED[id(plain)]
+        plain[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         tuned[grid](*args, **meta)
 
@@ -576,12 +596,17 @@ def _num_sms(device_index: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _dummy(device: torch.device) -> torch.Tensor:
+    return torch.zeros((1,), dtype=torch.uint8, device=device)
+
+
 class _Masks:
     """Launch arguments for the optional masks (a dummy pointer and zero strides when absent)."""
 
     def __init__(self, q, key_padding, dense_mask):
         b, hq, tq, _ = q.shape
-        dummy = q.new_zeros((1,), dtype=torch.uint8)
+        dummy = _dummy(q.device)
         self.has_kpm = key_padding is not None
         self.has_dm = dense_mask is not None
         if key_padding is not None:
@@ -690,6 +715,7 @@ def _backward(do, q, k, v, o, lse, scale, causal, q_offset, window, masks):
 
 DECODE_BLOCK_N = 64
 DECODE_MAX_ROWS = 64
+DECODE_MIN_SPLIT = 256  # keys per split: below this the merge costs more than the parallelism buys
 
 
 def _decode(q, k, v, scale, causal, q_offset, window, masks, num_splits=None):
@@ -697,31 +723,36 @@ def _decode(q, k, v, scale, causal, q_offset, window, masks, num_splits=None):
     hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
     block_n = 16 if interpreting() else DECODE_BLOCK_N
-    n_blocks = triton.cdiv(tk, block_n)
     if num_splits is None:
         sms = 4 if interpreting() else _num_sms(q.device.index or 0)
-        num_splits = max(1, min(n_blocks, triton.cdiv(2 * sms, b * hkv)))
+        # one wave of programs across the GPU, each split long enough to stream its keys
+        num_splits = max(1, min(triton.cdiv(tk, DECODE_MIN_SPLIT), triton.cdiv(sms, b * hkv)))
     split_len = triton.cdiv(triton.cdiv(tk, num_splits), block_n) * block_n
     num_splits = triton.cdiv(tk, split_len)
     block_d = max(16, triton.next_power_of_2(d))
-    opart = torch.empty((b * hq * tq * num_splits, d), device=q.device, dtype=torch.float32)
-    lpart = torch.empty((b * hq * tq * num_splits,), device=q.device, dtype=torch.float32)
-    _flash_decode_split[(b * hkv, num_splits)](
-        q, k, v, opart, lpart, masks.kpm,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *masks.kpm_strides,
-        hq, hkv, group, tq, tk, q_offset, window or 0, scale * LOG2E, split_len, num_splits,
-        IS_CAUSAL=causal, HAS_WINDOW=window is not None, HAS_KPM=masks.has_kpm,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group * tq)), BLOCK_N=block_n,
-        num_warps=4, num_stages=2)
     out_storage = torch.empty((b, tq, hq, d), device=q.device, dtype=q.dtype)
     o = out_storage.transpose(1, 2)
     lse = torch.empty((b, hq, tq), device=q.device, dtype=torch.float32)
-    _flash_decode_merge[(b * hq * tq,)](opart, lpart, o, lse, o.stride(0), o.stride(1), o.stride(2),
-                                        hq, tq, num_splits, HEAD_DIM=d, BLOCK_D=block_d,
-                                        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    direct = num_splits == 1
+    if direct:
+        opart = lpart = lse
+    else:
+        opart = torch.empty((b * hq * tq * num_splits, d), device=q.device, dtype=torch.float32)
+        lpart = torch.empty((b * hq * tq * num_splits,), device=q.device, dtype=torch.float32)
+    _flash_decode_split[(b * hkv, num_splits)](
+        q, k, v, opart, lpart, masks.kpm, o, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *masks.kpm_strides, o.stride(0), o.stride(1), o.stride(2),
+        hq, hkv, group, tq, tk, q_offset, window or 0, scale * LOG2E, split_len, num_splits,
+        DIRECT=direct, IS_CAUSAL=causal, HAS_WINDOW=window is not None, HAS_KPM=masks.has_kpm,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group * tq)), BLOCK_N=block_n,
+        num_warps=4, num_stages=3)
+    if not direct:
+        _flash_decode_merge[(b * hq * tq,)](opart, lpart, o, lse, o.stride(0), o.stride(1), o.stride(2),
+                                            hq, tq, num_splits, HEAD_DIM=d, BLOCK_D=block_d,
+                                            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
     return o, lse
 
 

@@ -76,6 +76,10 @@ def _compiled_flex():
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
+        # one compiled graph per shape and grad mode: lift dynamo's default limit of 8, past which
+        # FlexAttention silently drops to its dense eager path
+        torch._dynamo.config.recompile_limit = 256
+        torch._dynamo.config.accumulated_recompile_limit = 4096
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
 
@@ -84,7 +88,21 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def bench_one(env, provider, mode, shape_name, batch, tq, tk, dtype, causal):
+def _graphed(fn):
+    """Capture fn in a CUDA graph and return its replay: GPU time without Python launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_one(env, provider, mode, shape_name, batch, tq, tk, dtype, causal, graph=False):
     hq, hkv, d = SHAPES[shape_name]
     needs_grad = mode == "bwd"
     q, k, v = make_inputs(batch, hq, hkv, tq, tk, d, dtype, needs_grad)
@@ -96,6 +114,11 @@ def bench_one(env, provider, mode, shape_name, batch, tq, tk, dtype, causal):
     flops = attention_flops(batch, hq, tq, tk, d, causal)
     if mode == "fwd":
         with torch.no_grad():
+            if graph:
+                try:
+                    fn = _graphed(fn)
+                except Exception as exc:
+                    return {"provider": provider, "mode": mode, "error": f"graph capture: {type(exc).__name__}"}
             p50, p20, p80 = time_cuda(fn)
     else:
         do = torch.randn_like(out)
@@ -103,7 +126,7 @@ def bench_one(env, provider, mode, shape_name, batch, tq, tk, dtype, causal):
         flops *= 2.5
     row = dict(env, bench="kernel", provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
                batch=batch, heads_q=hq, heads_kv=hkv, q_len=tq, kv_len=tk, head_dim=d, causal=causal,
-               extra=shape_name, median_ms=round(p50, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
+               extra=shape_name + (",cudagraph" if graph else ""), median_ms=round(p50, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
                tflops=round(flops / (p50 * 1e-3) / 1e12, 1))
     del q, k, v, out
     return row
@@ -163,16 +186,19 @@ def main(argv=None):
                 for provider in args.providers:
                     row = bench_one(env, provider, mode, shape, args.batch, n, n, dtype, causal)
                     (failures if "error" in row else rows).append(row)
+                    _progress(row)
                     torch.cuda.empty_cache()
         if "decode" in args.modes:
             for b in args.decode_batches:
                 for n in args.decode_lengths:
                     for provider in args.providers:
-                        row = bench_one(env, provider, "fwd", shape, b, 1, n, dtype, True)
-                        if "error" not in row:
-                            row["mode"] = "decode"
-                        (failures if "error" in row else rows).append(row)
-                        torch.cuda.empty_cache()
+                        for graph in (False, True):
+                            row = bench_one(env, provider, "fwd", shape, b, 1, n, dtype, True, graph=graph)
+                            if "error" not in row:
+                                row["mode"] = "decode"
+                            (failures if "error" in row else rows).append(row)
+                            _progress(row)
+                            torch.cuda.empty_cache()
 
     print_table(rows, ["provider", "mode", "extra", "batch", "q_len", "kv_len", "median_ms", "tflops"])
     _print_speedups(rows)
@@ -181,6 +207,14 @@ def main(argv=None):
     if not args.no_save:
         path = append_rows(rows, args.out)
         print(f"# appended {len(rows)} rows to {path}")
+
+
+def _progress(row):
+    if "error" in row:
+        print(f"# {row['provider']} {row['mode']}: {row['error']}", flush=True)
+    else:
+        print(f"# {row['provider']:11s} {row['mode']:6s} {row['extra']:18s} B={row['batch']} q={row['q_len']} "
+              f"kv={row['kv_len']}: {row['median_ms']} ms, {row['tflops']} TFLOP/s", flush=True)
 
 
 def _print_speedups(rows):
@@ -196,7 +230,7 @@ def _print_speedups(rows):
             other = keyed.get((mode, extra, b, tq, tk, base))
             if other:
                 parts.append(f"{base} {other / ms:.2f}x")
-        print(f"{mode:6s} {extra:8s} B={b} q={tq} kv={tk}: " + "  ".join(parts))
+        print(f"{mode:6s} {extra:18s} B={b} q={tq} kv={tk}: " + "  ".join(parts))
 
 
 if __name__ == "__main__":
