@@ -34,6 +34,14 @@ class AttentionMask:
     key_padding: torch.Tensor | None = None
     dense: torch.Tensor | None = None
 
+    # generate() with a compileable cache (StaticCache) builds the mask ahead of the forward, calls
+    # .contiguous() on it and hands it back to the model, whose mask creation asks for .ndim; the
+    # mask function then returns it unchanged.
+    ndim = 4
+
+    def contiguous(self) -> "AttentionMask":
+        return self
+
     def kernel_args(self) -> dict:
         return dict(causal=self.causal, q_offset=self.q_offset, window=self.window,
                     key_padding=self.key_padding, dense_mask=self.dense)
@@ -75,6 +83,8 @@ def mask_function(
     **kwargs,
 ) -> AttentionMask:
     """Registered with transformers' AttentionMaskInterface under each patched model's name."""
+    if isinstance(attention_mask, AttentionMask):  # prepared by generate() for this very step
+        return attention_mask
     q_offset = int(q_offset)  # a StaticCache hands a 0-d tensor
     kv_offset = int(kv_offset)
     pattern = recognise(mask_function)

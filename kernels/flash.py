@@ -725,8 +725,8 @@ def _decode(q, k, v, scale, causal, q_offset, window, masks, num_splits=None):
     block_n = 16 if interpreting() else DECODE_BLOCK_N
     if num_splits is None:
         sms = 4 if interpreting() else _num_sms(q.device.index or 0)
-        # one wave of programs across the GPU, each split long enough to stream its keys
-        num_splits = max(1, min(triton.cdiv(tk, DECODE_MIN_SPLIT), triton.cdiv(sms, b * hkv)))
+        # several resident programs per SM to keep loads in flight; each split long enough to stream
+        num_splits = max(1, min(triton.cdiv(tk, DECODE_MIN_SPLIT), triton.cdiv(4 * sms, b * hkv)))
     split_len = triton.cdiv(triton.cdiv(tk, num_splits), block_n) * block_n
     num_splits = triton.cdiv(tk, split_len)
     block_d = max(16, triton.next_power_of_2(d))

@@ -1,0 +1,80 @@
+"""The mask function: recognised patterns stay compact, anything else is materialised, never wrong."""
+import pytest
+import torch
+from conftest import DEVICE
+from tiny_models import build, left_padded_batch
+from transformers import StaticCache
+from transformers import masking_utils as mu
+
+import attn_patch
+from attn_patch.masks import AttentionMask, mask_function, recognise
+
+
+def test_recognises_model_patterns():
+    assert recognise(mu.causal_mask_function) == (True, None)
+    assert recognise(mu.bidirectional_mask_function) == (False, None)
+    assert recognise(mu.sliding_window_causal_mask_function(37)) == (True, 37)
+    packed = mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(torch.zeros(1, 4)))
+    assert recognise(packed) is None
+
+
+def test_compact_mask_carries_offsets_and_padding():
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    m = mask_function(1, 2, 6, q_offset=4, kv_offset=0, attention_mask=pad)
+    assert isinstance(m, AttentionMask) and m.causal and m.q_offset == 4 and m.dense is None
+    assert torch.equal(m.key_padding, pad)
+    full = mask_function(1, 2, 6, q_offset=4, attention_mask=torch.ones(1, 6, dtype=torch.bool))
+    assert full.key_padding is None  # an all-ones mask costs the kernel nothing
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_packed_sequences_use_a_dense_mask(backend, seed):
+    """position_ids restarting mid-row (packed documents) must not leak across documents."""
+    torch.manual_seed(seed)
+    model = build("llama").to(DEVICE)
+    ids = torch.randint(1, 90, (1, 12), device=DEVICE)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]], device=DEVICE)
+    with torch.no_grad():
+        # transformers detects packing only without a cache
+        expected = model(ids, position_ids=pos, use_cache=False).logits
+        with attn_patch.patched(model, "flash", backend=backend if _interp_or_cuda() else "reference"):
+            got = model(ids, position_ids=pos, use_cache=False).logits
+        separate = model(ids[:, 5:8], position_ids=pos[:, 5:8], use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got[:, 5:8], separate, rtol=1e-5, atol=2e-5)
+
+
+def test_static_cache_generation_matches(seed):
+    torch.manual_seed(seed)
+    model = build("llama").to(DEVICE)
+    ids, mask = left_padded_batch([9, 5], 9)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, past_key_values=StaticCache(config=model.config, max_cache_len=24), **kwargs)
+    with attn_patch.patched(model, "flash"):
+        got = model.generate(ids, past_key_values=StaticCache(config=model.config, max_cache_len=24), **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_prepared_4d_masks():
+    model = build("llama").to(DEVICE)
+    ids = torch.randint(1, 90, (1, 6), device=DEVICE)
+    keep = torch.ones(6, 6, dtype=torch.bool, device=DEVICE).tril()
+    keep[4, 1] = False
+    bool_mask = keep[None, None]
+    float_mask = torch.zeros(1, 1, 6, 6, device=DEVICE).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=bool_mask).logits
+        with attn_patch.patched(model, "flash"):
+            got_bool = model(ids, attention_mask=bool_mask).logits
+            got_float = model(ids, attention_mask=float_mask).logits
+            with pytest.raises(attn_patch.UnsupportedModelError, match="bias values"):
+                model(ids, attention_mask=float_mask * 0.5 + 0.25)
+    torch.testing.assert_close(got_bool, expected, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got_float, expected, rtol=1e-5, atol=2e-5)
+
+
+def _interp_or_cuda():
+    import os
+
+    return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
