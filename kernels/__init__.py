@@ -8,10 +8,11 @@ from .reference import attention_flops, attention_reference, block_sparse_to_den
 
 def __getattr__(name):
     if name in ("flash", "flash_attention"):
-        from . import flash
+        import importlib
 
+        flash = importlib.import_module(f"{__name__}.flash")
         return flash if name == "flash" else flash.flash_attention
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["attention_reference", "visibility_mask", "block_sparse_to_dense", "attention_flops", "flash_attention"]

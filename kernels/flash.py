@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import CachedLauncher
+
 LOG2E = 1.4426950408889634
 # kernels may only read globals declared as constexpr
 _LOG2E = tl.constexpr(LOG2E)
@@ -713,6 +715,17 @@ def _backward(do, q, k, v, o, lse, scale, causal, q_offset, window, masks):
     return dq, dk, dv
 
 
+_DECODE_SPLIT = CachedLauncher(_flash_decode_split)
+_DECODE_MERGE = CachedLauncher(_flash_decode_merge)
+
+
+def _launch_small(launcher, grid, args, meta, num_warps, num_stages):
+    if interpreting():
+        launcher.fn[grid](*args, **meta)
+    else:
+        launcher(grid, args, meta, num_warps, num_stages)
+
+
 DECODE_BLOCK_N = 64
 DECODE_MAX_ROWS = 64
 DECODE_MIN_SPLIT = 256  # keys per split: below this the merge costs more than the parallelism buys
@@ -739,20 +752,20 @@ def _decode(q, k, v, scale, causal, q_offset, window, masks, num_splits=None):
     else:
         opart = torch.empty((b * hq * tq * num_splits, d), device=q.device, dtype=torch.float32)
         lpart = torch.empty((b * hq * tq * num_splits,), device=q.device, dtype=torch.float32)
-    _flash_decode_split[(b * hkv, num_splits)](
-        q, k, v, opart, lpart, masks.kpm, o, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *masks.kpm_strides, o.stride(0), o.stride(1), o.stride(2),
-        hq, hkv, group, tq, tk, q_offset, window or 0, scale * LOG2E, split_len, num_splits,
-        DIRECT=direct, IS_CAUSAL=causal, HAS_WINDOW=window is not None, HAS_KPM=masks.has_kpm,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group * tq)), BLOCK_N=block_n,
-        num_warps=4, num_stages=3)
+    split_args = (q, k, v, opart, lpart, masks.kpm, o, lse,
+                  q.stride(0), q.stride(1), q.stride(2),
+                  k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2),
+                  *masks.kpm_strides, o.stride(0), o.stride(1), o.stride(2),
+                  hq, hkv, group, tq, tk, q_offset, window or 0, scale * LOG2E, split_len, num_splits)
+    split_meta = dict(DIRECT=direct, IS_CAUSAL=causal, HAS_WINDOW=window is not None, HAS_KPM=masks.has_kpm,
+                      HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group * tq)),
+                      BLOCK_N=block_n)
+    _launch_small(_DECODE_SPLIT, (b * hkv, num_splits), split_args, split_meta, num_warps=4, num_stages=3)
     if not direct:
-        _flash_decode_merge[(b * hq * tq,)](opart, lpart, o, lse, o.stride(0), o.stride(1), o.stride(2),
-                                            hq, tq, num_splits, HEAD_DIM=d, BLOCK_D=block_d,
-                                            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+        merge_args = (opart, lpart, o, lse, o.stride(0), o.stride(1), o.stride(2), hq, tq, num_splits)
+        merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+        _launch_small(_DECODE_MERGE, (b * hq * tq,), merge_args, merge_meta, num_warps=4, num_stages=1)
     return o, lse
 
 

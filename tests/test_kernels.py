@@ -136,3 +136,19 @@ def test_bad_inputs_name_the_fix():
         flash_attention(q, k[:, :1].expand(1, 3, 8, 64), v[:, :1].expand(1, 3, 8, 64))
     with pytest.raises(ValueError, match="key_padding must be"):
         flash_attention(q, k, v, key_padding=torch.ones(1, 9, dtype=torch.bool, device=DEVICE))
+
+
+def test_decode_repeated_calls(seed):
+    """Decoding calls one kernel with the same specialization again and again: on GPU the second
+    call onwards takes the cached launch. Fresh inputs every call, and a misaligned view (another
+    specialization) in between."""
+    from attn_patch.kernels.flash import flash_attention
+
+    for step in range(4):
+        q, k, v = _inputs(2, 6, 2, 1, 70, 64, torch.float16, grad=False)
+        if step == 2:  # storage offset of one element: pointers lose their 16-byte alignment
+            k = torch.randn(2 * 70 * 2 * 64 + 1, device=DEVICE, dtype=torch.float16)[1:].view(2, 70, 2, 64)
+            k = k.transpose(1, 2)
+        out, _ = flash_attention(q, k, v)
+        ref, _ = attention_reference(q, k, v)
+        assert rel_err(out, ref) < TOL[torch.float16], f"seed {seed}, step {step}"

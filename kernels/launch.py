@@ -1,0 +1,62 @@
+"""A cheaper launch for small, frequent kernels (decode).
+
+``kernel[grid](...)`` in Triton rebuilds a specialization key from every argument on each call:
+about 80 us of host time for our ~35-argument decode kernel on an H200 host, more than a whole
+SDPA decode call. Decoding calls the same kernel with the same specialization over and over, so
+this keeps the compiled kernel under a key at least as fine as Triton's own specialization (per
+int: == 1, divisible by 16, fits in 32 bits; per tensor: dtype and 16-byte alignment) and calls
+its launcher directly. The first call of each key, a launch hook, or any launcher API mismatch
+goes through Triton's normal path, so the fast path can only be skipped, never be wrong.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _spec(arg):
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool):
+        return ("b", arg)
+    if isinstance(arg, int):
+        return ("i", arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31)
+    if isinstance(arg, float):
+        return "f"
+    return (type(arg), arg)  # constexpr values: the value itself is part of the key
+
+
+class CachedLauncher:
+    def __init__(self, jit_fn):
+        self.fn = jit_fn
+        self.cache: dict = {}
+        self.enabled = True
+
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int):
+        """Launch ``fn[grid](*args, **constexprs)``; ``constexprs`` must list the kernel's
+        constexpr parameters in their declared order (they follow ``args`` in the signature)."""
+        if not self.enabled or _hooks_set():
+            self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            return
+        device = args[0].device.index
+        key = (device, num_warps, num_stages, tuple(constexprs.values()), tuple(_spec(a) for a in args))
+        kernel = self.cache.get(key)
+        if kernel is None:
+            self.cache[key] = self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            return
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        stream = torch.cuda.current_stream(device).cuda_stream
+        try:
+            kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None,
+                       None, None, *args, *constexprs.values())
+        except (TypeError, AttributeError):  # a Triton whose launcher takes other arguments
+            self.enabled = False
+            self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
+def _hooks_set() -> bool:
+    try:
+        from triton import knobs
+
+        return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    except (ImportError, AttributeError):
+        return True
