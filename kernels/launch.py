@@ -53,10 +53,18 @@ class CachedLauncher:
             self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
+def _hook_active(hook) -> bool:
+    # Triton >= 3.4 keeps a HookChain that is always there and empty unless a profiler adds to it
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if calls is not None else True
+
+
 def _hooks_set() -> bool:
     try:
         from triton import knobs
 
-        return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+        return _hook_active(knobs.runtime.launch_enter_hook) or _hook_active(knobs.runtime.launch_exit_hook)
     except (ImportError, AttributeError):
         return True

@@ -129,3 +129,25 @@ def test_remove_restores_exactly(family, seed):
     after_state = model.state_dict()
     assert before_state.keys() == after_state.keys()
     assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=5, layer_types=["sliding_attention", "full_attention"])),
+])
+def test_family_variants(family, overrides, backend, seed):
+    """GPT-2's layer-scaled softmax and Qwen2's per-layer sliding windows, with a left-padded batch."""
+    torch.manual_seed(seed)
+    model = build(family, **overrides).to(DEVICE)
+    ids, mask = left_padded_batch([12, 7], 12)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        expected_tokens = model.generate(ids, **kwargs)
+        with attn_patch.patched(model, "flash", backend=backend):
+            got = model(ids, attention_mask=mask).logits
+            got_tokens = model.generate(ids, **kwargs)
+    real = _real(mask)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=2e-5, msg=f"seed {seed}")
+    assert torch.equal(got_tokens, expected_tokens)
