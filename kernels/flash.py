@@ -37,6 +37,8 @@ def interpreting() -> bool:
 # Triton's CPU interpreter computes bf16 x bf16 dots wrongly (numpy has no bf16); operands are
 # widened there. bf16 products are exact in fp32, so this matches what the tensor cores do.
 _INTERPRET = tl.constexpr(interpreting())
+# fixed at import like the constexpr above: the mode cannot change under compiled kernels
+_INTERPRETING = interpreting()
 
 
 @triton.jit
@@ -576,7 +578,7 @@ _FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_st
 
 
 def _launch(tuned, plain, grid, args, meta):
-    if interpreting():
+    if _INTERPRETING:
         plain[grid(_INTERPRET_BLOCK)](*args, **meta, **_INTERPRET_BLOCK)
     elif args[0].dtype == torch.float32:
         cfg = _FP32_CONFIG
@@ -643,7 +645,7 @@ def _check(q, k, v, key_padding, dense_mask):
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    if not interpreting() and q.device.type != "cuda":
+    if not _INTERPRETING and q.device.type != "cuda":
         raise RuntimeError(f"the fused kernel runs on CUDA devices (got {q.device}); on CPU use the reference "
                            "backend, or set TRITON_INTERPRET=1 to run the Triton interpreter")
     if key_padding is not None and tuple(key_padding.shape) != (q.shape[0], k.shape[2]):
@@ -720,26 +722,29 @@ _DECODE_MERGE = CachedLauncher(_flash_decode_merge)
 
 
 def _launch_small(launcher, grid, args, meta, num_warps, num_stages):
-    if interpreting():
+    if _INTERPRETING:
         launcher.fn[grid](*args, **meta)
     else:
         launcher(grid, args, meta, num_warps, num_stages)
 
 
+# decode launch parameters (scripts/tune_decode.py sweeps them)
 DECODE_BLOCK_N = 64
-DECODE_MAX_ROWS = 64
+DECODE_STAGES = 3
+DECODE_PROGRAMS_PER_SM = 4  # resident programs per SM to keep loads in flight
 DECODE_MIN_SPLIT = 256  # keys per split: below this the merge costs more than the parallelism buys
+DECODE_MAX_ROWS = 64
 
 
 def _decode(q, k, v, scale, causal, q_offset, window, masks, num_splits=None):
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
-    block_n = 16 if interpreting() else DECODE_BLOCK_N
+    block_n = 16 if _INTERPRETING else DECODE_BLOCK_N
     if num_splits is None:
-        sms = 4 if interpreting() else _num_sms(q.device.index or 0)
-        # several resident programs per SM to keep loads in flight; each split long enough to stream
-        num_splits = max(1, min(triton.cdiv(tk, DECODE_MIN_SPLIT), triton.cdiv(4 * sms, b * hkv)))
+        sms = 4 if _INTERPRETING else _num_sms(q.device.index or 0)
+        num_splits = max(1, min(triton.cdiv(tk, DECODE_MIN_SPLIT),
+                                 triton.cdiv(DECODE_PROGRAMS_PER_SM * sms, b * hkv)))
     split_len = triton.cdiv(triton.cdiv(tk, num_splits), block_n) * block_n
     num_splits = triton.cdiv(tk, split_len)
     block_d = max(16, triton.next_power_of_2(d))
@@ -749,21 +754,21 @@ def _decode(q, k, v, scale, causal, q_offset, window, masks, num_splits=None):
     direct = num_splits == 1
     if direct:
         opart = lpart = lse
-    else:
-        opart = torch.empty((b * hq * tq * num_splits, d), device=q.device, dtype=torch.float32)
-        lpart = torch.empty((b * hq * tq * num_splits,), device=q.device, dtype=torch.float32)
-    split_args = (q, k, v, opart, lpart, masks.kpm, o, lse,
-                  q.stride(0), q.stride(1), q.stride(2),
-                  k.stride(0), k.stride(1), k.stride(2),
-                  v.stride(0), v.stride(1), v.stride(2),
-                  *masks.kpm_strides, o.stride(0), o.stride(1), o.stride(2),
+    else:  # one workspace for the partial outputs and their log-sum-exps
+        rows = b * hq * tq * num_splits
+        work = torch.empty((rows * (d + 1),), device=q.device, dtype=torch.float32)
+        opart, lpart = work[: rows * d], work[rows * d:]
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), o.stride()
+    split_args = (q, k, v, opart, lpart, masks.kpm, o, lse, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2],
+                  vs[0], vs[1], vs[2], *masks.kpm_strides, os_[0], os_[1], os_[2],
                   hq, hkv, group, tq, tk, q_offset, window or 0, scale * LOG2E, split_len, num_splits)
     split_meta = dict(DIRECT=direct, IS_CAUSAL=causal, HAS_WINDOW=window is not None, HAS_KPM=masks.has_kpm,
                       HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group * tq)),
                       BLOCK_N=block_n)
-    _launch_small(_DECODE_SPLIT, (b * hkv, num_splits), split_args, split_meta, num_warps=4, num_stages=3)
+    _launch_small(_DECODE_SPLIT, (b * hkv, num_splits), split_args, split_meta, num_warps=4,
+                  num_stages=DECODE_STAGES)
     if not direct:
-        merge_args = (opart, lpart, o, lse, o.stride(0), o.stride(1), o.stride(2), hq, tq, num_splits)
+        merge_args = (opart, lpart, o, lse, os_[0], os_[1], os_[2], hq, tq, num_splits)
         merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
         _launch_small(_DECODE_MERGE, (b * hq * tq,), merge_args, merge_meta, num_warps=4, num_stages=1)
     return o, lse
