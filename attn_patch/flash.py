@@ -7,11 +7,9 @@ from . import backend as _backend
 from .config import MethodConfig, option
 from .errors import ConfigError, UnsupportedModelError
 from .families import head_dim
-from .kernels import attention_reference
+from .kernels import MAX_HEAD_DIM, attention_reference
 from .masks import as_attention_mask
 from .registry import Method, register_method
-
-MAX_HEAD_DIM = 128
 
 
 @dataclass

@@ -5,6 +5,8 @@ package works on machines without it.
 """
 from .reference import attention_flops, attention_reference, block_sparse_to_dense, visibility_mask
 
+MAX_HEAD_DIM = 128  # largest head dim the Triton kernels take (one register tile per row)
+
 
 def __getattr__(name):
     if name in ("flash", "flash_attention"):
@@ -15,4 +17,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["attention_reference", "visibility_mask", "block_sparse_to_dense", "attention_flops", "flash_attention"]
+__all__ = ["MAX_HEAD_DIM", "attention_reference", "visibility_mask", "block_sparse_to_dense", "attention_flops", "flash_attention"]

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import MAX_HEAD_DIM
 from .launch import CachedLauncher
 
 LOG2E = 1.4426950408889634
@@ -26,7 +27,6 @@ LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 
-MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
