@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from attn_patch.benchmarking import RESULTS_DIR, append_rows, environment, print_table, time_cuda  # noqa: E402
+from attn_patch.benchmarking import (RESULTS_DIR, append_rows, cuda_graphed, environment,  # noqa: E402
+                                     print_table, time_cuda)
 from attn_patch.kernels import attention_flops  # noqa: E402
 
 PROVIDERS = ["attn_patch", "sdpa-flash", "sdpa-cudnn", "flex"]
@@ -88,20 +89,6 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _graphed(fn):
-    """Capture fn in a CUDA graph and return its replay: GPU time without Python launch overhead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def bench_one(env, provider, mode, shape_name, batch, tq, tk, dtype, causal, graph=False):
     hq, hkv, d = SHAPES[shape_name]
     needs_grad = mode == "bwd"
@@ -116,7 +103,7 @@ def bench_one(env, provider, mode, shape_name, batch, tq, tk, dtype, causal, gra
         with torch.no_grad():
             if graph:
                 try:
-                    fn = _graphed(fn)
+                    fn = cuda_graphed(fn)
                 except Exception as exc:
                     return {"provider": provider, "mode": mode, "error": f"graph capture: {type(exc).__name__}"}
             p50, p20, p80 = time_cuda(fn)

@@ -12,22 +12,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from attn_patch.benchmarking import time_cuda  # noqa: E402
+from attn_patch.benchmarking import cuda_graphed, time_cuda  # noqa: E402
 
 SHAPES = [(1, 32, 8, 128, 4096), (1, 32, 8, 128, 32768), (16, 32, 8, 128, 32768),
           (1, 9, 3, 64, 32768), (16, 9, 3, 64, 32768)]
-
-
-def graphed(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def main(argv=None):
@@ -46,7 +34,7 @@ def main(argv=None):
         for g in grid:
             flash.DECODE_BLOCK_N, flash.DECODE_STAGES, flash.DECODE_PROGRAMS_PER_SM, flash.DECODE_MIN_SPLIT = g
             with torch.no_grad():
-                times[g] = time_cuda(graphed(lambda: flash.flash_attention(q, k, v)), rep_ms=50)[0]
+                times[g] = time_cuda(cuda_graphed(lambda: flash.flash_attention(q, k, v)), rep_ms=50)[0]
         fastest = min(times.values())
         for g, t in times.items():
             totals[g] += t / fastest
