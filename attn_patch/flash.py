@@ -21,7 +21,7 @@ class FlashConfig(MethodConfig):
         choices=("auto", "never"),
     )
     decode_splits: int | None = option(
-        None, "number of KV splits for the decode kernel (None: enough to fill the GPU twice over)"
+        None, "number of KV splits for the decode kernel (None: sized from the SM count and the KV length)"
     )
 
     def validate(self) -> None:

@@ -564,8 +564,11 @@ _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_flash_bwd_dkdv)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_flash_bwd_dq)
 
 # the interpreter runs one small tile so odd shapes cross several blocks in tests
-_INTERPRET_BLOCK = {"BLOCK_M": 16, "BLOCK_N": 16}
-# ATTN_PATCH_AUTOTUNE=0 skips autotuning (tests, reproducible launches): the first config is used
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})
+# float32 (exact IEEE dots) is for tests and reference-grade runs: one small tile, no tuning
+_FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+# ATTN_PATCH_AUTOTUNE=0 (read at import) skips autotuning: each kernel's first config is used
+_AUTOTUNE = os.environ.get("ATTN_PATCH_AUTOTUNE", "1") != "0"
 _FIXED = {id(_flash_fwd): _FWD_CONFIGS[0], id(_flash_bwd_dkdv): _DKDV_CONFIGS[0], id(_flash_bwd_dq): _DQ_CONFIGS[0]}
 
 
@@ -573,21 +576,18 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 16))
 
 
-# float32 (exact IEEE dots) is for tests and reference-grade runs: one small tile, no tuning
-_FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-
-
 def _launch(tuned, plain, grid, args, meta):
     if _INTERPRETING:
-        plain[grid(_INTERPRET_BLOCK)](*args, **meta, **_INTERPRET_BLOCK)
+        cfg = _INTERPRET_CONFIG
     elif args[0].dtype == torch.float32:
         cfg = _FP32_CONFIG
-        plain[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    elif os.environ.get("ATTN_PATCH_AUTOTUNE", "1") == "0":
-        cfg = _FIXED[id(plain)]
-        plain[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
+    elif _AUTOTUNE:
         tuned[grid](*args, **meta)
+        return
+    else:
+        cfg = _FIXED[id(plain)]
+    options = {} if _INTERPRETING else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    plain[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, **options)
 
 
 @functools.lru_cache(maxsize=None)
