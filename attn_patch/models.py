@@ -36,14 +36,19 @@ def default_gguf_path() -> Path:
 
 
 def load_default_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
-    """Return (model, tokenizer) for SmolLM2-135M-Instruct, loaded without network access."""
+                       device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
+                       rope_scaling: dict | None = None):
+    """Return (model, tokenizer) for SmolLM2-135M-Instruct, loaded without network access.
+
+    ``rope_scaling`` (e.g. ``{"rope_type": "linear", "factor": 4.0}``) is merged into the model's
+    RoPE parameters before the weights load, and ``max_position_embeddings`` grows by its factor.
+    """
     try:
         import accelerate  # noqa: F401  (transformers requires it for GGUF files)
         import gguf  # noqa: F401
     except ImportError as exc:
         raise ImportError("loading the GGUF model needs `gguf` and `accelerate`: pip install gguf accelerate") from exc
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     gguf_path = Path(path) if path is not None else default_gguf_path()
@@ -54,8 +59,11 @@ def load_default_model(path: str | os.PathLike | None = None, *, dtype: torch.dt
     hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        extra = {}
+        if rope_scaling:
+            extra["config"] = with_rope_scaling(AutoConfig.from_pretrained(folder, gguf_file=name), rope_scaling)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
-                                                     attn_implementation=attn_implementation)
+                                                     attn_implementation=attn_implementation, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
         if previous is None:
@@ -65,3 +73,43 @@ def load_default_model(path: str | os.PathLike | None = None, *, dtype: torch.dt
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
+
+
+ROPE_TYPES = ("linear", "dynamic", "yarn")
+
+
+def parse_rope_scaling(text: str | dict | None) -> dict | None:
+    """``"linear:4"``, ``"dynamic:4"``, ``"yarn:4"`` or a JSON object of RoPE parameters -> dict."""
+    if text is None or isinstance(text, dict):
+        return text
+    text = text.strip()
+    if text.startswith("{"):
+        import json
+
+        params = json.loads(text)
+    else:
+        kind, _, factor = text.partition(":")
+        try:
+            params = {"rope_type": kind, "factor": float(factor)}
+        except ValueError:
+            params = {"rope_type": kind, "factor": None}
+    if params.get("rope_type") not in ROPE_TYPES or not isinstance(params.get("factor"), (int, float)) \
+            or params["factor"] < 1:
+        raise ValueError(f"RoPE scaling {text!r}: use TYPE:FACTOR with TYPE one of {', '.join(ROPE_TYPES)} and "
+                         "FACTOR >= 1 (e.g. linear:4), or a JSON object with rope_type and factor")
+    params["factor"] = float(params["factor"])
+    return params
+
+
+def with_rope_scaling(config, scaling: dict):
+    """Return ``config`` with RoPE scaling merged in (the model's rope_theta is kept)."""
+    if getattr(config, "rope_parameters", None) is None:
+        raise ValueError(f"{type(config).__name__} has no rotary embedding to scale")
+    base_len = config.max_position_embeddings
+    params = dict(config.rope_parameters)
+    params.update(scaling)
+    if params["rope_type"] in ("dynamic", "yarn"):
+        params.setdefault("original_max_position_embeddings", base_len)
+    config.rope_parameters = params
+    config.max_position_embeddings = int(base_len * params["factor"])
+    return config

@@ -1,0 +1,180 @@
+"""What every evaluation shares: method specs, model loading, result files."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..models import load_default_model, parse_rope_scaling, with_rope_scaling
+
+# the unpatched model (whatever attention it was loaded with: SDPA by default)
+ORIGINAL = ("sdpa", "original")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One configuration to evaluate: ``method`` None means the original model."""
+
+    label: str
+    method: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def context(self, model):
+        """Patch ``model`` for the duration of a ``with`` block (nothing for the original)."""
+        if self.method is None:
+            return contextlib.nullcontext(model)
+        import attn_patch
+
+        return attn_patch.patched(model, self.method, **self.options)
+
+
+def parse_method(text: str) -> MethodSpec:
+    """``"sdpa"`` (the original model), ``"flash"``, or ``"name:opt=value,opt=value"``.
+
+    Values are read as JSON when they parse (numbers, true/false, null), else as strings. The method
+    name and its options are checked here, so a typo fails before any model is loaded.
+    """
+    from ..registry import get_method
+
+    name, _, rest = text.strip().partition(":")
+    if name in ORIGINAL:
+        if rest:
+            raise ConfigError(f"{text!r}: the original model ({name}) takes no options")
+        return MethodSpec(label=name)
+    method = get_method(name)  # ConfigError naming the available methods
+    options = {}
+    for pair in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, raw = pair.partition("=")
+        if not eq:
+            raise ConfigError(f"{text!r}: options are written name=value, got {pair!r}")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    method.config_class.from_options(name, options)  # validates names, types and values
+    return MethodSpec(label=text.strip(), method=name, options=options)
+
+
+def parse_methods(texts: list[str] | None, default: tuple[str, ...] = ("sdpa", "flash")) -> list[MethodSpec]:
+    specs = [parse_method(t) for t in (texts or default)]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"a method is listed twice: {labels}")
+    return specs
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"dtype {name!r}: use float32, bfloat16 or float16")
+    return dtype
+
+
+def load_model(model: str | os.PathLike | None = None, *, device: str | None = None, dtype="float32",
+               rope_scaling: str | dict | None = None):
+    """(model, tokenizer) from a Hugging Face folder / hub name, a .gguf file, or (None) the embedded
+    SmolLM2. ``rope_scaling`` is "linear:4", "dynamic:4", "yarn:4" or a dict, for contexts beyond the
+    model's trained length."""
+    device = device or default_device()
+    dtype = resolve_dtype(dtype)
+    scaling = parse_rope_scaling(rope_scaling)
+    if model is None or str(model).endswith(".gguf"):
+        return load_default_model(model, dtype=dtype, device=device, rope_scaling=scaling)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model)
+    if scaling:
+        config = with_rope_scaling(config, scaling)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = AutoModelForCausalLM.from_pretrained(model, config=config, dtype=dtype, attn_implementation="sdpa")
+    return loaded.to(device).eval(), tokenizer
+
+
+def max_context(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
+def describe_run(model, device: str, dtype) -> dict:
+    """Environment and model facts stored with every result file."""
+    from ..benchmarking import environment
+
+    info = environment()
+    info.update(model=getattr(model.config, "name_or_path", "") or model.config.model_type,
+                model_type=model.config.model_type, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                rope_parameters=getattr(model.config, "rope_parameters", None),
+                max_position_embeddings=max_context(model))
+    return info
+
+
+def write_json(data, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm when installed (to stderr), else the plain iterable."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable if iterable is not None else _NoBar()
+    return tqdm(iterable, **kwargs)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def add_common_arguments(parser, *, default_methods: tuple[str, ...] = ("sdpa", "flash")) -> None:
+    """--model, --method, --device, --dtype, --rope-scaling, --out, --seed: the same on every subcommand."""
+    parser.add_argument("--model", help="Hugging Face model folder or hub name, or a .gguf file "
+                                        "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--method", action="append", metavar="SPEC",
+                        help="configuration to evaluate, repeatable: 'sdpa' (the original model), 'flash', or "
+                             "'NAME:opt=value,opt=value' (options from `attn-patch methods`); "
+                             f"default: {' '.join(default_methods)}")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--rope-scaling", metavar="TYPE:FACTOR",
+                        help="RoPE scaling for contexts beyond the trained length: linear:4, dynamic:4, yarn:4, "
+                             "or a JSON object of RoPE parameters")
+    parser.add_argument("--out", metavar="DIR", help="write JSON / Markdown (/ PNG) results into this folder")
+    parser.add_argument("--seed", type=int, default=0, help="base random seed")
+    parser.set_defaults(default_methods=default_methods)
+
+
+def setup_from_args(args):
+    """(model, tokenizer, methods, device, dtype) for parsed common arguments; methods are checked first."""
+    methods = parse_methods(args.method, args.default_methods)
+    device = args.device or default_device()
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype, rope_scaling=args.rope_scaling)
+    return model, tokenizer, methods, device, dtype
