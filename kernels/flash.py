@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import MAX_HEAD_DIM
-from .launch import CachedLauncher
+from .launch import CachedLauncher, current_raw_stream
 
 LOG2E = 1.4426950408889634
 # kernels may only read globals declared as constexpr
@@ -447,22 +447,24 @@ def _flash_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, DM,
 
 # --------------------------------------------------------------------------------------------
 # decode: few query rows against a long KV cache. All query heads of one KV head are packed
-# into the rows of one tile (GQA packing), and the keys are split across programs (split-K);
-# a second kernel merges the partial results by their log-sum-exp.
+# into the rows of one tile (GQA packing), and the keys are split across programs (split-K).
+# The partial results are merged by their log-sum-exp, either by the last program of each
+# (batch, KV head) to finish (one launch: it counts arrivals on a self-resetting counter) or by
+# a second kernel (MERGE == 2; kept as the simple reference path and for tests).
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _flash_decode_split(Q, K, V, OPART, LPART, KPM, O, LSE,
+def _flash_decode_split(Q, K, V, OPART, LPART, KPM, O, LSE, COUNTERS,
                         stride_qb, stride_qh, stride_qm,
                         stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn,
                         stride_kpb, stride_kpn, stride_ob, stride_oh, stride_om,
                         HQ, HKV, GROUP, TQ, TK, q_offset, window, qk_scale, split_len, NUM_SPLITS,
-                        DIRECT: tl.constexpr,
+                        MERGE: tl.constexpr,
                         IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, MERGE_CHUNK: tl.constexpr):
     pid_bk = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bk // HKV
@@ -510,14 +512,49 @@ def _flash_decode_split(Q, K, V, OPART, LPART, KPM, O, LSE,
     l_div = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_div[:, None]
     lse2 = m_i + tl.math.log2(l_i)  # log2 domain, -inf if this split saw nothing
-    if DIRECT:  # a single split: write the final result, no merge launch
-        tl.store(O + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_om + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+    o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_om + offs_d[None, :]
+    od_mask = r_ok[:, None] & d_ok[None, :]
+    if MERGE == 0:  # a single split: write the final result
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=od_mask)
         tl.store(LSE + (b * HQ + h) * TQ + t, lse2 * _LN2, mask=r_ok)
     else:
-        row_id = ((b * HQ + h) * TQ + t) * NUM_SPLITS + split
-        tl.store(OPART + row_id[:, None] * HEAD_DIM + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
-        tl.store(LPART + row_id, lse2, mask=r_ok)
+        row0 = ((b * HQ + h) * TQ + t) * NUM_SPLITS
+        tl.store(OPART + (row0 + split)[:, None] * HEAD_DIM + offs_d[None, :], out, mask=od_mask)
+        tl.store(LPART + row0 + split, lse2, mask=r_ok)
+        if MERGE == 1:
+            # every thread's partial stores are issued before the (release) arrival, and the
+            # program that arrives last reads them all after its (acquire) arrival
+            tl.debug_barrier()
+            arrived = tl.atomic_add(COUNTERS + pid_bk, 1, sem="acq_rel")
+            if arrived == NUM_SPLITS - 1:
+                # one row at a time, a chunk of splits per load: the loads of a chunk are independent,
+                # so the merge costs a few memory round trips instead of one per split
+                offs_c = tl.arange(0, MERGE_CHUNK)
+                for r in range(0, GROUP * TQ):
+                    hr = hk * GROUP + r // TQ
+                    tr = r % TQ
+                    base = ((b * HQ + hr) * TQ + tr) * NUM_SPLITS
+                    m = tl.full([], float("-inf"), dtype=tl.float32)
+                    total = tl.zeros([], dtype=tl.float32)
+                    acc_r = tl.zeros([BLOCK_D], dtype=tl.float32)
+                    for s0 in range(0, NUM_SPLITS, MERGE_CHUNK):
+                        s_ok = (s0 + offs_c) < NUM_SPLITS
+                        ls = tl.load(LPART + base + s0 + offs_c, mask=s_ok, other=float("-inf"),
+                                     cache_modifier=".cg")
+                        os_ = tl.load(OPART + (base + s0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :],
+                                      mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+                        m_new = tl.maximum(m, tl.max(ls, 0))
+                        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        w = tl.math.exp2(ls - m_use)
+                        keep_old = tl.math.exp2(m - m_use)
+                        total = total * keep_old + tl.sum(w, 0)
+                        acc_r = acc_r * keep_old + tl.sum(os_ * w[:, None], 0)
+                        m = m_new
+                    m_use = tl.where(m == float("-inf"), 0.0, m)
+                    tl.store(O + b * stride_ob + hr * stride_oh + tr * stride_om + offs_d,
+                             (acc_r / tl.where(total == 0.0, 1.0, total)).to(O.dtype.element_ty), mask=d_ok)
+                    tl.store(LSE + (b * HQ + hr) * TQ + tr, (m_use + tl.math.log2(total)) * _LN2)
+                tl.atomic_xchg(COUNTERS + pid_bk, 0)  # ready for the next call (and CUDA graph replays)
 
 
 @triton.jit
@@ -572,8 +609,18 @@ _AUTOTUNE = os.environ.get("ATTN_PATCH_AUTOTUNE", "1") != "0"
 _FIXED = {id(_flash_fwd): _FWD_CONFIGS[0], id(_flash_bwd_dkdv): _DKDV_CONFIGS[0], id(_flash_bwd_dq): _DQ_CONFIGS[0]}
 
 
+def _cdiv(a: int, b: int) -> int:
+    # plain integer math: triton.cdiv / next_power_of_2 are constexpr functions whose calls cost
+    # microseconds each in Triton >= 3.4, which adds up on the decode path
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 16))
+    return _next_pow2(max(int(n), 16))
 
 
 def _launch(tuned, plain, grid, args, meta):
@@ -590,6 +637,7 @@ def _launch(tuned, plain, grid, args, meta):
     plain[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, **options)
 
 
+@functools.lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -665,7 +713,7 @@ def _forward(q, k, v, scale, causal, q_offset, window, masks):
     out_storage = torch.empty((b, tq, hq, d), device=q.device, dtype=q.dtype)
     o = out_storage.transpose(1, 2)  # [B, Hq, Tq, D] view; callers get [B, Tq, Hq, D] for free
     lse = torch.empty((b, hq, tq), device=q.device, dtype=torch.float32)
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, _next_pow2(d))
     args = (q, k, v, o, lse, masks.kpm, masks.dm,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -676,7 +724,7 @@ def _forward(q, k, v, scale, causal, q_offset, window, masks):
             _bucket(tq), _bucket(tk))
     meta = dict(IS_CAUSAL=causal, HAS_WINDOW=window is not None, HAS_KPM=masks.has_kpm,
                 HAS_DMASK=masks.has_dm, HEAD_DIM=d, BLOCK_D=block_d)
-    _launch(_fwd_tuned, _flash_fwd, lambda m: (b * hq, triton.cdiv(tq, m["BLOCK_M"])), args, meta)
+    _launch(_fwd_tuned, _flash_fwd, lambda m: (b * hq, _cdiv(tq, m["BLOCK_M"])), args, meta)
     return o, lse
 
 
@@ -684,9 +732,9 @@ def _backward(do, q, k, v, o, lse, scale, causal, q_offset, window, masks):
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     do = _last_dim_contiguous(do)
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, _next_pow2(d))
     delta = torch.empty_like(lse)
-    _bwd_delta[(b * hq, triton.cdiv(tq, 64))](o, do, delta, o.stride(0), o.stride(1), o.stride(2),
+    _bwd_delta[(b * hq, _cdiv(tq, 64))](o, do, delta, o.stride(0), o.stride(1), o.stride(2),
                                              do.stride(0), do.stride(1), do.stride(2), hq, tq,
                                              HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=64)
     dq = torch.empty_like(q)
@@ -704,7 +752,7 @@ def _backward(do, q, k, v, o, lse, scale, causal, q_offset, window, masks):
                dv.stride(0), dv.stride(1), dv.stride(2),
                *masks.kpm_strides, *masks.dm_strides,
                hq, hkv, hq // hkv, tq, tk, q_offset, win, scale * LOG2E, scale, _bucket(tq), _bucket(tk))
-    _launch(_dkdv_tuned, _flash_bwd_dkdv, lambda m: (b * hkv, triton.cdiv(tk, m["BLOCK_N"])), kv_args, common)
+    _launch(_dkdv_tuned, _flash_bwd_dkdv, lambda m: (b * hkv, _cdiv(tk, m["BLOCK_N"])), kv_args, common)
     q_args = (q, k, v, do, lse, delta, dq, masks.kpm, masks.dm,
               q.stride(0), q.stride(1), q.stride(2),
               k.stride(0), k.stride(1), k.stride(2),
@@ -713,7 +761,7 @@ def _backward(do, q, k, v, o, lse, scale, causal, q_offset, window, masks):
               dq.stride(0), dq.stride(1), dq.stride(2),
               *masks.kpm_strides, *masks.dm_strides,
               hq, hq // hkv, tq, tk, q_offset, win, scale * LOG2E, scale, _bucket(tq), _bucket(tk))
-    _launch(_dq_tuned, _flash_bwd_dq, lambda m: (b * hq, triton.cdiv(tq, m["BLOCK_M"])), q_args, common)
+    _launch(_dq_tuned, _flash_bwd_dq, lambda m: (b * hq, _cdiv(tq, m["BLOCK_M"])), q_args, common)
     return dq, dk, dv
 
 
@@ -734,42 +782,68 @@ DECODE_STAGES = 3
 DECODE_PROGRAMS_PER_SM = 2  # programs per SM; the H200 sweep put every setting within a few per cent
 DECODE_MIN_SPLIT = 256  # keys per split: below this the merge costs more than the parallelism buys
 DECODE_MAX_ROWS = 64
+DECODE_MERGE_CHUNK = 32  # splits merged per load by the last program
+DECODE_MERGE = "fused"  # "fused": the last split merges (one launch); "kernel": a second merge launch
 
 
-def _decode(q, k, v, scale, causal, q_offset, window, masks, num_splits=None):
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the one-launch decode merge, one per (batch, KV head).
+
+    The kernel leaves them at zero again, so one buffer per (device, stream) is reused across calls;
+    a buffer first needed inside a CUDA graph capture is allocated (zeroed) in the graph instead."""
+    key = (device, current_raw_stream(device.index or 0) if device.type == "cuda" else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        buf = torch.zeros((max(n, 256),), device=device, dtype=torch.int32)
+        if not capturing:
+            _COUNTERS[key] = buf
+    return buf
+
+
+def _decode(q, k, v, scale, causal, q_offset, window, masks, num_splits=None, merge=None):
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
     block_n = 16 if _INTERPRETING else DECODE_BLOCK_N
     if num_splits is None:
         sms = 4 if _INTERPRETING else _num_sms(q.device.index or 0)
-        num_splits = max(1, min(triton.cdiv(tk, DECODE_MIN_SPLIT),
-                                 triton.cdiv(DECODE_PROGRAMS_PER_SM * sms, b * hkv)))
-    split_len = triton.cdiv(triton.cdiv(tk, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(tk, split_len)
-    block_d = max(16, triton.next_power_of_2(d))
+        num_splits = max(1, min(_cdiv(tk, DECODE_MIN_SPLIT),
+                                 _cdiv(DECODE_PROGRAMS_PER_SM * sms, b * hkv)))
+    split_len = _cdiv(_cdiv(tk, num_splits), block_n) * block_n
+    num_splits = _cdiv(tk, split_len)
+    block_d = max(16, _next_pow2(d))
     out_storage = torch.empty((b, tq, hq, d), device=q.device, dtype=q.dtype)
     o = out_storage.transpose(1, 2)
-    lse = torch.empty((b, hq, tq), device=q.device, dtype=torch.float32)
-    direct = num_splits == 1
-    if direct:
-        opart = lpart = lse
-    else:  # one workspace for the partial outputs and their log-sum-exps
-        rows = b * hq * tq * num_splits
-        work = torch.empty((rows * (d + 1),), device=q.device, dtype=torch.float32)
-        opart, lpart = work[: rows * d], work[rows * d:]
+    merge = merge or DECODE_MERGE
+    if merge not in ("fused", "kernel"):
+        raise ValueError(f"decode merge must be 'fused' or 'kernel', got {merge!r}")
+    mode = 0 if num_splits == 1 else (1 if merge == "fused" else 2)
+    n_lse = b * hq * tq
+    if mode == 0:
+        lse = torch.empty((b, hq, tq), device=q.device, dtype=torch.float32)
+        opart = lpart = counters = lse
+    else:  # one fp32 allocation: the log-sum-exps, then the partial outputs and their log-sum-exps
+        rows = n_lse * num_splits
+        work = torch.empty((n_lse + rows * (d + 1),), device=q.device, dtype=torch.float32)
+        lse = work[:n_lse].view(b, hq, tq)
+        opart, lpart = work[n_lse: n_lse + rows * d], work[n_lse + rows * d:]
+        counters = _counters(q.device, b * hkv) if mode == 1 else lse
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), o.stride()
-    split_args = (q, k, v, opart, lpart, masks.kpm, o, lse, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2],
+    split_args = (q, k, v, opart, lpart, masks.kpm, o, lse, counters, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2],
                   vs[0], vs[1], vs[2], *masks.kpm_strides, os_[0], os_[1], os_[2],
                   hq, hkv, group, tq, tk, q_offset, window or 0, scale * LOG2E, split_len, num_splits)
-    split_meta = dict(DIRECT=direct, IS_CAUSAL=causal, HAS_WINDOW=window is not None, HAS_KPM=masks.has_kpm,
-                      HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group * tq)),
-                      BLOCK_N=block_n)
+    split_meta = dict(MERGE=mode, IS_CAUSAL=causal, HAS_WINDOW=window is not None, HAS_KPM=masks.has_kpm,
+                      HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, _next_pow2(group * tq)),
+                      BLOCK_N=block_n, MERGE_CHUNK=DECODE_MERGE_CHUNK)
     _launch_small(_DECODE_SPLIT, (b * hkv, num_splits), split_args, split_meta, num_warps=4,
                   num_stages=DECODE_STAGES)
-    if not direct:
+    if mode == 2:
         merge_args = (opart, lpart, o, lse, os_[0], os_[1], os_[2], hq, tq, num_splits)
-        merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+        merge_meta = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, _next_pow2(num_splits)))
         _launch_small(_DECODE_MERGE, (b * hq * tq,), merge_args, merge_meta, num_warps=4, num_stages=1)
     return o, lse
 

@@ -44,8 +44,16 @@ def main(argv=None):
     q = torch.randn(1, 1, hq, args.head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     k = torch.randn(1, args.kv_len, hkv, args.head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     v = torch.randn_like(k)
+    def two_launches():
+        flash.DECODE_MERGE = "kernel"
+        try:
+            return flash.flash_attention(q, k, v)
+        finally:
+            flash.DECODE_MERGE = "fused"
+
     rows = {
         "attn_patch decode (whole call)": lambda: flash.flash_attention(q, k, v),
+        "attn_patch decode, merge launch": two_launches,
         "attn_patch decode, one split": lambda: flash.flash_attention(q, k, v, num_splits=1),
         "torch.empty x2": lambda: (torch.empty(1, 1, hq, 64, device="cuda"), torch.empty(1, hq, 1, device="cuda")),
     }

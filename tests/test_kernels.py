@@ -96,7 +96,8 @@ def test_dense_mask(seed):
 
 @pytest.mark.parametrize("group,tq", [(1, 1), (3, 1), (4, 1), (3, 4)])
 @pytest.mark.parametrize("tk", [1, 17, 130])
-def test_decode_kernel(seed, group, tq, tk):
+def test_decode_kernel(seed, group, tq, tk, monkeypatch):
+    from attn_patch.kernels import flash
     from attn_patch.kernels.flash import flash_attention
 
     if tq > tk:
@@ -106,12 +107,17 @@ def test_decode_kernel(seed, group, tq, tk):
     pad[1, : tk // 3] = False
     for mask in (dict(causal=True), dict(causal=True, key_padding=pad), dict(causal=True, window=5)):
         ref, ref_lse = attention_reference(q, k, v, **mask)
-        for splits in (None, 1, 3):
+        # (splits, merge, splits merged per load): chunk 2 < 3 splits checks the chunked merge loop
+        for splits, merge, chunk in ((None, "fused", 32), (1, "fused", 32), (3, "fused", 2), (3, "kernel", 32)):
+            monkeypatch.setattr(flash, "DECODE_MERGE", merge)
+            monkeypatch.setattr(flash, "DECODE_MERGE_CHUNK", chunk)
             out, lse = flash_attention(q, k, v, decode=True, num_splits=splits, **mask)
-            assert rel_err(out, ref) < TOL[torch.float16], f"seed {seed} {mask.keys()} splits={splits}"
+            assert rel_err(out, ref) < TOL[torch.float16], f"seed {seed} {mask.keys()} splits={splits} {merge}"
             seen = torch.isfinite(ref_lse)
             assert torch.equal(torch.isfinite(lse), seen)
             assert (lse[seen] - ref_lse[seen]).abs().max() < 1e-3
+    # the one-launch merge leaves its arrival counters at zero for the next call
+    assert all(int(c.abs().sum()) == 0 for c in flash._COUNTERS.values())
 
 
 def test_decode_is_picked_only_without_grad():
