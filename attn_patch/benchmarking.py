@@ -9,7 +9,16 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+def _results_dir() -> Path:
+    """$ATTN_PATCH_RESULTS, else the checkout's results/ (editable install), else ./results."""
+    env = os.environ.get("ATTN_PATCH_RESULTS")
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout / "results" if (checkout / "pyproject.toml").is_file() else Path.cwd() / "results"
+
+
+RESULTS_DIR = _results_dir()
 FIELDS = [
     "date", "gpu", "torch", "triton", "transformers", "bench", "provider", "mode", "dtype",
     "batch", "heads_q", "heads_kv", "q_len", "kv_len", "head_dim", "causal", "extra",

@@ -1,5 +1,10 @@
-"""Command line: ``attn-patch run`` (patch a model, check it against the original, time both) and
-``attn-patch methods`` (methods and their options)."""
+"""Command line.
+
+    attn-patch run                         patch a model, check it against the original, time both
+    attn-patch eval ppl|needle|passkey     evaluations (attn_patch.evals)
+    attn-patch bench kernels|e2e           benchmarks; rows go to results/kernels.csv
+    attn-patch methods                     methods and their options
+"""
 from __future__ import annotations
 
 import argparse
@@ -128,7 +133,51 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     methods = sub.add_parser("methods", help="list methods and their options")
     methods.set_defaults(func=cmd_methods)
+    _add_group(sub, "eval", "evaluate methods side by side on the same inputs", EVALS)
+    _add_group(sub, "bench", "benchmark kernels or whole models against pinned baselines", BENCHES)
     return parser
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Module docstrings kept as written, and every option's default shown."""
+
+
+# subcommand -> (module in attn_patch.evals, one-line help)
+EVALS = {
+    "ppl": ("perplexity", "perplexity per context length on local text files or a datasets dataset"),
+    "needle": ("needle", "needle in a haystack: accuracy over context lengths x depths, heatmap"),
+    "passkey": ("passkey", "passkey retrieval (LongLoRA's test): accuracy per context length"),
+}
+BENCHES = {
+    "kernels": ("bench_kernels", "attention kernels vs SDPA (flash, cuDNN) and FlexAttention"),
+    "e2e": ("bench_e2e", "whole-model prefill latency, peak memory and decode speed per method"),
+}
+
+
+def _add_group(sub, name: str, help_text: str, table: dict) -> None:
+    import importlib
+
+    group = sub.add_parser(name, help=help_text, description=help_text)
+    inner = group.add_subparsers(dest="task", required=True, metavar="{" + ",".join(table) + "}")
+    for task, (module_name, task_help) in table.items():
+        module = importlib.import_module(f"attn_patch.evals.{module_name}")
+        parser = inner.add_parser(task, help=task_help, description=(module.__doc__ or task_help).strip(),
+                                  formatter_class=_HelpFormatter)
+        module.add_arguments(parser)
+        parser.set_defaults(func=_runner(module))
+
+
+def _runner(module):
+    def run(args) -> int:
+        from .errors import ConfigError
+
+        try:
+            return module.run(args)
+        except (ConfigError, FileNotFoundError) as exc:
+            print(f"attn-patch: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def main(argv=None) -> int:

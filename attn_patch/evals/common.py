@@ -12,25 +12,36 @@ import torch
 from ..errors import ConfigError
 from ..models import load_default_model, parse_rope_scaling, with_rope_scaling
 
-# the unpatched model (whatever attention it was loaded with: SDPA by default)
+# the unpatched model (whatever attention it was loaded with: SDPA by default); "sdpa-<backend>"
+# pins one SDPA backend, as the benchmarks' baselines do
 ORIGINAL = ("sdpa", "original")
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                 "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One configuration to evaluate: ``method`` None means the original model."""
+    """One configuration to evaluate: ``method`` None means the original model (optionally with one
+    pinned SDPA backend)."""
 
     label: str
     method: str | None = None
     options: dict = field(default_factory=dict)
+    sdpa_backend: str | None = None
 
+    @contextlib.contextmanager
     def context(self, model):
-        """Patch ``model`` for the duration of a ``with`` block (nothing for the original)."""
-        if self.method is None:
-            return contextlib.nullcontext(model)
-        import attn_patch
+        """Patch ``model`` (or pin the SDPA backend) for the duration of a ``with`` block."""
+        with contextlib.ExitStack() as stack:
+            if self.sdpa_backend is not None:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return attn_patch.patched(model, self.method, **self.options)
+                stack.enter_context(sdpa_kernel([getattr(SDPBackend, self.sdpa_backend)]))
+            if self.method is not None:
+                import attn_patch
+
+                stack.enter_context(attn_patch.patched(model, self.method, **self.options))
+            yield model
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -42,10 +53,10 @@ def parse_method(text: str) -> MethodSpec:
     from ..registry import get_method
 
     name, _, rest = text.strip().partition(":")
-    if name in ORIGINAL:
+    if name in ORIGINAL or name in SDPA_BACKENDS:
         if rest:
             raise ConfigError(f"{text!r}: the original model ({name}) takes no options")
-        return MethodSpec(label=name)
+        return MethodSpec(label=name, sdpa_backend=SDPA_BACKENDS.get(name))
     method = get_method(name)  # ConfigError naming the available methods
     options = {}
     for pair in filter(None, (p.strip() for p in rest.split(","))):
@@ -157,7 +168,8 @@ def add_common_arguments(parser, *, default_methods: tuple[str, ...] = ("sdpa", 
     parser.add_argument("--model", help="Hugging Face model folder or hub name, or a .gguf file "
                                         "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", action="append", metavar="SPEC",
-                        help="configuration to evaluate, repeatable: 'sdpa' (the original model), 'flash', or "
+                        help="configuration to evaluate, repeatable: 'sdpa' (the original model; "
+                             "'sdpa-flash' / 'sdpa-cudnn' pin its SDPA backend), 'flash', or "
                              "'NAME:opt=value,opt=value' (options from `attn-patch methods`); "
                              f"default: {' '.join(default_methods)}")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
