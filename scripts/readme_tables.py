@@ -2,7 +2,8 @@
 """Build the README's benchmark tables from results/kernels.csv.
 
 Takes, for each GPU, the newest row of every (provider, mode, shape, lengths) and writes Markdown
-tables between the ``<!-- results:kernels -->`` markers of README.md (or prints them with --print).
+tables between the ``<!-- results:kernels:... -->`` markers (kernel rows) and the
+``<!-- results:e2e:... -->`` markers (whole-model rows) of README.md, or prints them with --print.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 from attn_patch.benchmarking import read_rows  # noqa: E402
 
 BASELINES = ["sdpa-flash", "sdpa-cudnn", "flex"]
-START, END = "<!-- results:kernels:start -->", "<!-- results:kernels:end -->"
+MARKERS = {"kernels": ("<!-- results:kernels:start -->", "<!-- results:kernels:end -->"),
+           "e2e": ("<!-- results:e2e:start -->", "<!-- results:e2e:end -->")}
 
 
 def _latest(rows):
@@ -32,7 +34,7 @@ def _cell(r):
 
 
 def tables(rows) -> str:
-    latest = _latest(rows)
+    latest = _latest([r for r in rows if r.get("bench", "kernel") == "kernel"])
     out = []
     for gpu in sorted({k[0] for k in latest}):
         groups = sorted({k[2:] for k in latest if k[0] == gpu and k[1] == "attn_patch"},
@@ -59,21 +61,61 @@ def tables(rows) -> str:
     return "\n".join(out)
 
 
+def _extra(row, name):
+    for part in row["extra"].split(","):
+        if part.startswith(name + "="):
+            return float(part.split("=", 1)[1])
+    return None
+
+
+def e2e_tables(rows) -> str:
+    """Whole-model prefill (ms, peak GiB) and eager decode (tokens/s) per length and method."""
+    latest = _latest([r for r in rows if r.get("bench") == "e2e"])
+    out = []
+    for gpu in sorted({k[0] for k in latest}):
+        mine = {k: v for k, v in latest.items() if k[0] == gpu}
+        methods = sorted({k[1] for k in mine}, key=lambda m: (m != "sdpa-flash", m != "sdpa-cudnn", m))
+        lengths = sorted({int(k[6]) for k in mine if k[2] == "prefill"})
+        model = next(iter(mine.values()))["extra"].split(",")[0]
+        r0 = next(iter(mine.values()))
+        out.append(f"**{gpu}**, {model}, torch {r0['torch']}, transformers {r0['transformers']}, {r0['dtype']}, "
+                   "batch 1; prefill: median ms (peak GiB); decode: tokens/s, eager `generate`\n")
+        out.append("| tokens | " + " | ".join(f"{m} prefill" for m in methods) + " | "
+                   + " | ".join(f"{m} decode" for m in methods) + " |")
+        out.append("|---" * (1 + 2 * len(methods)) + "|")
+        for n in lengths:
+            cells = []
+            for m in methods:
+                r = next((v for k, v in mine.items() if k[1] == m and k[2] == "prefill" and int(k[6]) == n), None)
+                peak = _extra(r, "peak_gib") if r else None
+                cells.append(f"{float(r['median_ms']):.1f} ms ({peak:.2f})" if r and peak is not None
+                             else (f"{float(r['median_ms']):.1f} ms" if r else "-"))
+            for m in methods:
+                r = next((v for k, v in mine.items() if k[1] == m and k[2] == "decode" and int(k[6]) == n), None)
+                cells.append(f"{_extra(r, 'tokens_per_s'):.0f}" if r else "-")
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--results", default=str(ROOT / "results" / "kernels.csv"))
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     ap.add_argument("--print", action="store_true", help="print the tables instead of editing the README")
     args = ap.parse_args(argv)
-    text = tables(read_rows(args.results))
+    rows = read_rows(args.results)
+    texts = {"kernels": tables(rows), "e2e": e2e_tables(rows)}
     if args.print:
-        print(text)
+        print("\n\n".join(texts.values()))
         return
     readme = Path(args.readme)
     body = readme.read_text()
-    if START not in body or END not in body:
-        sys.exit(f"{readme} has no {START} ... {END} markers")
-    body = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}\n{END}", body, flags=re.S)
+    for name, (start, end) in MARKERS.items():
+        if start not in body or end not in body:
+            sys.exit(f"{readme} has no {start} ... {end} markers")
+        body = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _, t=texts[name]: f"{start}\n{t}\n{end}",
+                      body, flags=re.S)
     readme.write_text(body)
     print(f"updated {readme}")
 
