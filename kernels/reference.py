@@ -77,12 +77,13 @@ def attention_reference(
     block_indices: torch.Tensor | None = None,
     block_counts: torch.Tensor | None = None,
     block_size: int = 64,
-    query_chunk: int = 2048,
+    query_chunk: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention in float32. Returns (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] fp32).
 
     Differentiable through autograd. Query rows are processed in chunks of ``query_chunk`` so the
-    score matrix never exceeds Hq * query_chunk * Tk floats per batch element.
+    score matrix never exceeds Hq * query_chunk * Tk floats per batch element (small chunks stay
+    in cache on a CPU), and each chunk only looks at the keys its rows can see by position.
     """
     bsz, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -93,15 +94,14 @@ def attention_reference(
     if q_offset is None:
         q_offset = tk - tq
 
-    keep = visibility_mask(tq, tk, causal=causal, q_offset=q_offset, window=window, device=q.device)
-    keep = keep[None, None]  # [1, 1, Tq, Tk]
+    extra = None  # masks beyond the position rules, broadcastable to [B, Hq, Tq, Tk]
     if key_padding is not None:
-        keep = keep & key_padding.bool()[:, None, None, :]
+        extra = key_padding.bool()[:, None, None, :]
     if dense_mask is not None:
-        keep = keep & dense_mask.bool()
+        extra = dense_mask.bool() if extra is None else extra & dense_mask.bool()
     if block_indices is not None:
-        keep = keep & block_sparse_to_dense(block_indices, block_counts, tq, tk, block_size)
-    keep = keep.expand(bsz, hq, tq, tk).reshape(bsz, hkv, group, tq, tk)
+        blocks = block_sparse_to_dense(block_indices, block_counts, tq, tk, block_size)
+        extra = blocks if extra is None else extra & blocks
 
     qf = q.float().reshape(bsz, hkv, group, tq, d)
     kf = k.float()[:, :, None]
@@ -109,14 +109,31 @@ def attention_reference(
     outs, lses = [], []
     for s in range(0, tq, query_chunk):
         e = min(tq, s + query_chunk)
-        scores = torch.matmul(qf[..., s:e, :], kf.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~keep[..., s:e, :], float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True).detach()
+        # keys any row of this chunk can see by position: a causal chunk stops at its last row's
+        # position and a windowed one starts at its first row's window (less work, same result)
+        k0 = max(0, s + q_offset - window + 1) if window is not None else 0
+        k1 = min(tk, e + q_offset) if causal else tk
+        k1 = max(k1, k0)
+        qpos = torch.arange(s, e, device=q.device)[:, None] + q_offset
+        kpos = torch.arange(k0, k1, device=q.device)[None, :]
+        keep = torch.ones(e - s, k1 - k0, dtype=torch.bool, device=q.device)
+        if causal:
+            keep &= kpos <= qpos
+        if window is not None:
+            keep &= kpos > qpos - window
+        keep = keep[None, None]
+        if extra is not None:
+            keep = keep & extra[..., s:e, k0:k1] if extra.shape[-2] > 1 else keep & extra[..., k0:k1]
+        keep = keep.expand(bsz, hq, e - s, k1 - k0).reshape(bsz, hkv, group, e - s, k1 - k0)
+        scores = torch.matmul(qf[..., s:e, :], kf[..., k0:k1, :].transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~keep, float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True).detach() if k1 > k0 else scores.new_full(
+            (*scores.shape[:-1], 1), float("-inf"))
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         expd = torch.exp(scores - row_max)
         denom = expd.sum(dim=-1, keepdim=True)
         probs = expd / torch.where(denom > 0, denom, torch.ones_like(denom))
-        outs.append(torch.matmul(probs, vf))
+        outs.append(torch.matmul(probs, vf[..., k0:k1, :]))
         lses.append((row_max + torch.log(denom)).squeeze(-1))
     out = torch.cat(outs, dim=-2).reshape(bsz, hq, tq, d).to(q.dtype)
     lse = torch.cat(lses, dim=-1).reshape(bsz, hq, tq)
