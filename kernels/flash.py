@@ -809,7 +809,10 @@ DECODE_PROGRAMS_PER_SM = 2  # programs per SM; the H200 sweep put every setting 
 DECODE_MIN_SPLIT = 256  # keys per split: below this the merge costs more than the parallelism buys
 DECODE_MAX_ROWS = 64
 DECODE_MERGE_CHUNK = 32  # splits merged per load by the last program
-DECODE_MERGE = "fused"  # "fused": the last split merges (one launch); "kernel": a second merge launch
+# "fused": the last split to finish merges (one launch: least host time, for eager decoding);
+# "kernel": a second, wider merge launch (least GPU time, for CUDA graphs); "auto": fused unless
+# the stream is being captured into a CUDA graph
+DECODE_MERGE = "auto"
 
 
 _COUNTERS: dict = {}
@@ -845,8 +848,11 @@ def _decode(q, k, v, scale, causal, q_offset, window, masks, num_splits=None, me
     out_storage = torch.empty((b, tq, hq, d), device=q.device, dtype=q.dtype)
     o = out_storage.transpose(1, 2)
     merge = merge or DECODE_MERGE
-    if merge not in ("fused", "kernel"):
-        raise ValueError(f"decode merge must be 'fused' or 'kernel', got {merge!r}")
+    if merge == "auto":
+        capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        merge = "kernel" if capturing else "fused"
+    elif merge not in ("fused", "kernel"):
+        raise ValueError(f"decode merge must be 'auto', 'fused' or 'kernel', got {merge!r}")
     mode = 0 if num_splits == 1 else (1 if merge == "fused" else 2)
     n_lse = b * hq * tq
     if mode == 0:

@@ -49,7 +49,7 @@ def main(argv=None):
         try:
             return flash.flash_attention(q, k, v)
         finally:
-            flash.DECODE_MERGE = "fused"
+            flash.DECODE_MERGE = "auto"
 
     rows = {
         "attn_patch decode (whole call)": lambda: flash.flash_attention(q, k, v),

@@ -108,7 +108,7 @@ def test_decode_kernel(seed, group, tq, tk, monkeypatch):
     for mask in (dict(causal=True), dict(causal=True, key_padding=pad), dict(causal=True, window=5)):
         ref, ref_lse = attention_reference(q, k, v, **mask)
         # (splits, merge, splits merged per load): chunk 2 < 3 splits checks the chunked merge loop
-        for splits, merge, chunk in ((None, "fused", 32), (1, "fused", 32), (3, "fused", 2), (3, "kernel", 32)):
+        for splits, merge, chunk in ((None, "auto", 32), (1, "fused", 32), (3, "fused", 2), (3, "kernel", 32)):
             monkeypatch.setattr(flash, "DECODE_MERGE", merge)
             monkeypatch.setattr(flash, "DECODE_MERGE_CHUNK", chunk)
             out, lse = flash_attention(q, k, v, decode=True, num_splits=splits, **mask)
@@ -159,3 +159,29 @@ def test_decode_repeated_calls(seed):
         out, _ = flash_attention(q, k, v)
         ref, _ = attention_reference(q, k, v)
         assert rel_err(out, ref) < TOL[torch.float16], f"seed {seed}, step {step}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_in_cuda_graph(seed):
+    """Decoding captured in a CUDA graph (static KV cache + graph replay, as torch.compile's
+    reduce-overhead mode does) takes the two-launch merge and stays exact on every replay."""
+    from attn_patch.kernels.flash import flash_attention
+
+    q, k, v = _inputs(2, 12, 4, 1, 3000, 64, torch.bfloat16, grad=False)
+    flash_attention(q, k, v)  # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        flash_attention(q, k, v)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = flash_attention(q, k, v)
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))
+        k.copy_(torch.randn_like(k))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, _ = attention_reference(q, k, v)
+        assert rel_err(out, ref) < TOL[torch.bfloat16], f"seed {seed}"
