@@ -72,6 +72,7 @@ def load_default_model(path: str | os.PathLike | None = None, *, dtype: torch.dt
             os.environ["HF_HUB_OFFLINE"] = previous
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.config._name_or_path = str(gguf_path)  # the file, not just its folder, names the model in results
     return model.to(device).eval(), tokenizer
 
 

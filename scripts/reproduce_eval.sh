@@ -4,6 +4,7 @@
 # and the end-to-end benchmark (4k..32k, RoPE linear x4 to reach 32k).
 #
 #   bash scripts/reproduce_eval.sh [BOOKS_DIR] [OUT_DIR]      (defaults: ../shared/data/books, results/eval/<gpu>)
+#   STEPS="ppl needle" bash scripts/reproduce_eval.sh ...      (a subset of: ppl needle passkey e2e)
 #
 # Evaluation text is held out from training: pride_and_prejudice.txt and news_from_nowhere.txt are
 # only ever evaluated on; the recipes train on the other books.
@@ -13,14 +14,16 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lo
 out=${2:-results/eval/smollm2-$gpu}
 held=("$books/pride_and_prejudice.txt" "$books/news_from_nowhere.txt")
 mkdir -p "$out"
+steps=" ${STEPS:-ppl needle passkey e2e} "
 run() { echo "+ $*" >&2; timeout 900 python -m attn_patch.cli "$@"; }
-run eval ppl --data "${held[@]}" --lengths 2048 4096 8192 --method sdpa --method flash --out "$out" \
+want() { [[ $steps == *" $1 "* ]]; }
+want ppl && run eval ppl --data "${held[@]}" --lengths 2048 4096 8192 --method sdpa --method flash --out "$out" \
   > "$out/perplexity.log" 2>&1
-run eval needle --haystack "${held[@]}" --lengths 1024 2048 4096 8192 --depths 0 25 50 75 100 --trials 3 \
+want needle && run eval needle --haystack "${held[@]}" --lengths 1024 2048 4096 8192 --depths 0 25 50 75 100 --trials 3 \
   --method sdpa --method flash --out "$out" > "$out/needle.log" 2>&1
-run eval passkey --lengths 1024 2048 4096 8192 --trials 10 --method sdpa --method flash --out "$out" \
+want passkey && run eval passkey --lengths 1024 2048 4096 8192 --trials 10 --method sdpa --method flash --out "$out" \
   > "$out/passkey.log" 2>&1
-run bench e2e --lengths 4096 8192 16384 32768 --rope-scaling linear:4 --decode-tokens 32 \
+want e2e && run bench e2e --lengths 4096 8192 16384 32768 --rope-scaling linear:4 --decode-tokens 32 \
   --method sdpa-flash --method sdpa-cudnn --method flash --results "$out/e2e.csv" --out "$out" \
   > "$out/e2e.log" 2>&1
 echo "results in $out" >&2

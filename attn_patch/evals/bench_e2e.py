@@ -148,7 +148,7 @@ def to_rows(results: list[dict], model, dtype, env: dict) -> list[dict]:
     hkv = getattr(cfg, "num_key_value_heads", None) or hq
     from ..families import head_dim
 
-    name = getattr(cfg, "name_or_path", "") or cfg.model_type
+    name = (getattr(cfg, "name_or_path", "") or cfg.model_type).rstrip("/").rsplit("/", 1)[-1]
     rows = []
     for e in results:
         if "error" in e:

@@ -146,6 +146,7 @@ def format_table(result: dict) -> str:
     lines.append("mean".ljust(10) + "".join(f"{result['methods'][m]['mean']:.2f}".rjust(width) for m in labels))
     lines.append("same out".ljust(10) + "".join(
         f"{result['methods'][m]['same_generation_as_first']:.2f}".rjust(width) for m in labels))
+    lines.append(f"(same out: share of trials whose generated tokens equal {labels[0]}'s exactly)")
     return "\n".join(lines)
 
 
