@@ -1,0 +1,99 @@
+"""Block-level pieces of SeerAttention: the distillation target (ground truth) and the block selection
+that turns gate scores into the compact index lists the block-sparse kernel iterates over."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .gate import block_causal_mask
+
+
+def ground_truth_reference(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float | None = None,
+                           q_offset: int | None = None, causal: bool = True) -> torch.Tensor:
+    """The gate's training target, in plain PyTorch (the fused kernel is checked against this).
+
+    From the exact attention probabilities P (q, k after RoPE, as the model attends): for each query
+    row and key block the largest probability of that row inside the block; then the largest over
+    the rows of each query block; then each query-block row normalised to sum to 1.
+    Returns [B, Hq, NQB, NKB] fp32. Works one query block at a time (never all of N x N)."""
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    q_offset = tk - tq if q_offset is None else q_offset
+    nqb, nkb = -(-tq // block_size), -(-tk // block_size)
+    kpad = nkb * block_size - tk
+    kf = k.float()[:, :, None]  # [B, Hkv, 1, Tk, D]
+    out = q.new_zeros((b, hq, nqb, nkb), dtype=torch.float32)
+    kpos = torch.arange(tk, device=q.device)
+    for i in range(nqb):
+        r0, r1 = i * block_size, min(tq, (i + 1) * block_size)
+        qi = q[:, :, r0:r1].float().reshape(b, hkv, group, r1 - r0, d)
+        s = torch.matmul(qi, kf.transpose(-1, -2)) * scale  # [B, Hkv, G, rows, Tk]
+        if causal:
+            qpos = torch.arange(r0, r1, device=q.device)[:, None] + q_offset
+            s = s.masked_fill(kpos[None, :] > qpos, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        p = torch.nn.functional.pad(p, (0, kpad)).view(*p.shape[:-1], nkb, block_size)
+        out[:, :, i] = p.amax(dim=-1).amax(dim=-2).reshape(b, hq, nkb)
+    total = out.sum(dim=-1, keepdim=True)
+    return out / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def topk_for_density(density: float, n_blocks: int) -> int:
+    """Blocks per query-block row that give ``density`` over the causal triangle when every row keeps
+    the same number (capped by what it can see): k = (1 - sqrt(1 - density)) * n_blocks."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return max(1, math.ceil((1.0 - math.sqrt(1.0 - density)) * n_blocks))
+
+
+def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshold: float | None = None,
+                  keep_sink: bool = True, keep_diagonal: bool = True, q_block_offset: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate probabilities [B, H, NQB, NKB] -> (block_indices int32 [B, H, NQB, MAXB] sorted ascending,
+    block_counts int32 [B, H, NQB]).
+
+    Exactly one of ``density`` (top-k per row, k from ``topk_for_density``) and ``threshold`` (every
+    block with probability >= threshold). Only causally visible blocks are ever selected; the first
+    (sink) block and the diagonal block are always kept unless turned off, so no row is empty."""
+    if (density is None) == (threshold is None):
+        raise ValueError("give exactly one of density and threshold")
+    b, h, nq, nk = probs.shape
+    visible = block_causal_mask(nq, nk, q_block_offset, device=probs.device)
+    if q_block_offset is None:
+        q_block_offset = nk - nq
+    scores = probs.float().masked_fill(~visible, float("-inf"))
+    forced = torch.zeros(nq, nk, dtype=torch.bool, device=probs.device)
+    if keep_sink:
+        forced[:, 0] = True
+    if keep_diagonal:
+        diag = (torch.arange(nq, device=probs.device) + q_block_offset).clamp(max=nk - 1)
+        forced[torch.arange(nq, device=probs.device), diag] = True
+    forced &= visible
+    # forced blocks rank first, then by probability
+    ranked = torch.where(forced, torch.full_like(scores, float("inf")), scores)
+    if density is not None:
+        k = min(nk, topk_for_density(density, nk))
+        top = ranked.topk(k, dim=-1)
+        chosen = torch.zeros_like(visible.expand(b, h, nq, nk))
+        chosen = chosen.scatter(-1, top.indices, top.values > float("-inf"))
+        chosen |= forced  # forced blocks beyond k (rare: k == 1 with sink and diagonal) stay on
+    else:
+        chosen = (scores >= threshold) | forced
+    chosen &= visible
+    counts = chosen.sum(dim=-1).to(torch.int32)
+    width = max(1, int(counts.max()))
+    # sorted ascending indices of the chosen blocks first: sort keys put unchosen blocks last
+    order = torch.where(chosen, torch.arange(nk, device=probs.device), nk + torch.arange(nk, device=probs.device))
+    indices = order.sort(dim=-1).values[..., :width]
+    indices = torch.where(indices >= nk, torch.zeros_like(indices), indices).to(torch.int32)
+    return indices.contiguous(), counts.contiguous()
+
+
+def achieved_density(counts: torch.Tensor, n_k: int, q_block_offset: int | None = None) -> torch.Tensor:
+    """Selected blocks / causally visible blocks, per leading index ([B, H] for counts [B, H, NQB])."""
+    n_q = counts.shape[-1]
+    visible = block_causal_mask(n_q, n_k, q_block_offset, device=counts.device).sum()
+    return counts.sum(dim=-1).float() / visible.float()

@@ -1,0 +1,95 @@
+"""SeerAttention gate, ground truth and block selection (plain PyTorch parts)."""
+import pytest
+import torch
+
+from attn_patch.seer import (SeerGate, achieved_density, block_causal_mask, ground_truth_reference, pool_blocks,
+                             select_blocks, topk_for_density)
+
+
+def _qk(b=2, hq=6, hkv=2, t=70, d=16, tk=None):
+    return torch.randn(b, hq, t, d), torch.randn(b, hkv, tk or t, d)
+
+
+def test_pooling_with_a_partial_last_block(seed):
+    x = torch.randn(2, 3, 37, 8)
+    for how, fn in (("avg", lambda c: c.mean(2)), ("max", lambda c: c.amax(2)), ("min", lambda c: c.amin(2))):
+        got = pool_blocks(x, 16, how)
+        want = torch.stack([fn(x[:, :, s:s + 16]) for s in range(0, 37, 16)], dim=2)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("q_proj,k_proj_per,selection", [(False, "head", "head"), (True, "group", "head"),
+                                                         (False, "head", "group"), (True, "head", "group")])
+def test_gate_shapes_rows_and_causality(seed, q_proj, k_proj_per, selection):
+    gate = SeerGate(6, 2, 16, block_size=16, q_proj=q_proj, gate_dim=24 if q_proj else None,
+                    k_proj_per=k_proj_per, selection=selection)
+    q, k = _qk()
+    probs = gate(q, k)
+    heads = 6 if selection == "head" else 2
+    assert probs.shape == (2, heads, 5, 5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, heads, 5))
+    assert (probs[..., ~block_causal_mask(5, 5)] == 0).all()
+    # a later key block never changes an earlier query block's scores
+    k2 = k.clone()
+    k2[:, :, 48:] += 3 * torch.randn_like(k2[:, :, 48:])
+    torch.testing.assert_close(gate.logits(q, k2)[:, :, :3], gate.logits(q, k)[:, :, :3])
+    loss = probs.square().sum()
+    loss.backward()
+    assert gate.k_weight.grad is not None and gate.k_weight.grad.abs().sum() > 0
+
+
+def test_gate_chunk_after_cache_equals_rows_of_the_full_pass(seed):
+    """Chunked prefill: a chunk of queries starting at a block boundary scores like those rows of a
+    single pass over everything (block RoPE at absolute positions)."""
+    gate = SeerGate(4, 2, 16, block_size=16)
+    q, k = _qk(hq=4, t=80)
+    full = gate.logits(q, k)
+    chunk = gate.logits(q[:, :, 48:], k, q_offset=48)
+    torch.testing.assert_close(chunk, full[:, :, 3:])
+    with pytest.raises(ValueError, match="multiple of the gate's block size"):
+        gate.logits(q[:, :, 40:], k, q_offset=40)
+
+
+def test_gate_errors():
+    with pytest.raises(ValueError, match="power of two"):
+        SeerGate(4, 2, 16, block_size=48)
+    with pytest.raises(ValueError, match="q_proj=True"):
+        SeerGate(4, 2, 16, gate_dim=32)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        SeerGate(5, 2, 16)
+
+
+def test_ground_truth_matches_the_dense_probabilities(seed):
+    q, k = _qk(b=1, hq=4, hkv=2, t=37, d=8)
+    gt = ground_truth_reference(q, k, block_size=16)
+    kk = k.repeat_interleave(2, dim=1)
+    s = (q @ kk.transpose(-1, -2)) * 8 ** -0.5
+    s = s.masked_fill(torch.ones(37, 37, dtype=torch.bool).triu(1), float("-inf"))
+    p = s.softmax(-1)
+    want = torch.zeros(1, 4, 3, 3)
+    for i in range(3):
+        for j in range(3):
+            block = p[:, :, i * 16:(i + 1) * 16, j * 16:(j + 1) * 16]
+            want[:, :, i, j] = block.amax(dim=(-1, -2))
+    want = want / want.sum(-1, keepdim=True)
+    torch.testing.assert_close(gt, want)
+    assert (gt[..., ~block_causal_mask(3, 3)] == 0).all()
+
+
+def test_select_blocks(seed):
+    probs = torch.softmax(torch.randn(2, 3, 8, 8).masked_fill(~block_causal_mask(8, 8), float("-inf")), -1)
+    idx, cnt = select_blocks(probs, density=1.0)
+    assert (cnt == torch.arange(1, 9)).all()  # every visible block
+    idx, cnt = select_blocks(probs, density=0.3)
+    for b in range(2):
+        for h in range(3):
+            for i in range(8):
+                row = idx[b, h, i, : cnt[b, h, i]].tolist()
+                assert row == sorted(set(row)) and all(j <= i for j in row)
+                assert 0 in row and i in row  # sink and diagonal kept
+    assert 0.2 < float(achieved_density(cnt, 8).mean()) < 0.7
+    idx, cnt = select_blocks(probs, threshold=2.0, keep_sink=False)  # nothing passes: diagonal only
+    assert (cnt == 1).all() and (idx[..., 0] == torch.arange(8)).all()
+    with pytest.raises(ValueError, match="exactly one"):
+        select_blocks(probs)
+    assert topk_for_density(1.0, 10) == 10 and topk_for_density(0.19, 10) == 1
