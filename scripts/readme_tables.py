@@ -18,7 +18,8 @@ from attn_patch.benchmarking import read_rows  # noqa: E402
 
 BASELINES = ["sdpa-flash", "sdpa-cudnn", "flex"]
 MARKERS = {"kernels": ("<!-- results:kernels:start -->", "<!-- results:kernels:end -->"),
-           "e2e": ("<!-- results:e2e:start -->", "<!-- results:e2e:end -->")}
+           "e2e": ("<!-- results:e2e:start -->", "<!-- results:e2e:end -->"),
+           "sparse": ("<!-- results:sparse:start -->", "<!-- results:sparse:end -->")}
 
 
 def _latest(rows):
@@ -98,6 +99,43 @@ def e2e_tables(rows) -> str:
     return "\n".join(out)
 
 
+def sparse_tables(rows) -> str:
+    """Block-sparse forward per (length, density): ours against dense baselines and Flex."""
+    latest = {}
+    for r in rows:
+        if r.get("bench") == "sparse":
+            latest[(r["gpu"], r["q_len"], r["extra"], r["provider"])] = r
+    out = []
+    providers = ["sparse", "dense", "sdpa-flash", "sdpa-cudnn", "flex", "gate", "ground-truth"]
+    for gpu in sorted({k[0] for k in latest}):
+        cases = sorted({(int(k[1]), k[2]) for k in latest if k[0] == gpu and k[3] == "sparse"})
+        r0 = next(v for k, v in latest.items() if k[0] == gpu)
+        out.append(f"**{gpu}**, torch {r0['torch']}, triton {r0['triton']}, {r0['dtype']}, batch 1, "
+                   f"{r0['heads_q']}/{r0['heads_kv']} heads, d={r0['head_dim']}, causal, forward; median ms "
+                   "(speed-up of block-sparse over each baseline)\n")
+        out.append("| N | block density (achieved) | block-sparse | dense (ours) | SDPA flash | SDPA cuDNN | "
+                   "Flex, same block mask | gate + selection | ground-truth pass |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for n, extra in cases:
+            cells = {}
+            for p in providers:
+                r = latest.get((gpu, str(n), extra, p))
+                cells[p] = float(r["median_ms"]) if r else None
+            fields = dict(part.split("=") for part in extra.split(","))
+            mine = cells["sparse"]
+
+            def fmt(p):
+                t = cells[p]
+                if t is None:
+                    return "-"
+                return f"{t:.2f}" if p in ("sparse", "gate", "ground-truth") else f"{t:.2f} ({t / mine:.2f}x)"
+
+            out.append(f"| {n} | {fields['density']} ({fields['achieved']}) | " +
+                       " | ".join(fmt(p) for p in providers) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--results", default=str(ROOT / "results" / "kernels.csv"))
@@ -105,7 +143,7 @@ def main(argv=None):
     ap.add_argument("--print", action="store_true", help="print the tables instead of editing the README")
     args = ap.parse_args(argv)
     rows = read_rows(args.results)
-    texts = {"kernels": tables(rows), "e2e": e2e_tables(rows)}
+    texts = {"kernels": tables(rows), "e2e": e2e_tables(rows), "sparse": sparse_tables(rows)}
     if args.print:
         print("\n\n".join(texts.values()))
         return

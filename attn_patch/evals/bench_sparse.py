@@ -33,28 +33,39 @@ def random_selection(b, h, n_q_blocks, n_k_blocks, density, device, generator=No
     return select_blocks(scores, density=density)
 
 
-def block_map(indices, counts, n_k_blocks):
-    """Dense bool [B, H, NQB, NKB] of a selection (for FlexAttention's block mask)."""
-    slot = torch.arange(indices.shape[-1], device=indices.device)
-    valid = slot < counts[..., None]
-    table = torch.zeros(*indices.shape[:-1], n_k_blocks + 1, dtype=torch.bool, device=indices.device)
-    table.scatter_(-1, torch.where(valid, indices.long(), n_k_blocks), True)
-    return table[..., :n_k_blocks]
+def flex_block_mask(indices, counts, block_size):
+    """FlexAttention's BlockMask for exactly our selection, built from the block lists (no N x N
+    mask is ever made): blocks below the diagonal are full (no mask_mod work), the diagonal block is
+    partial with the causal mask_mod. Assumes the diagonal is selected (select_blocks keeps it)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, h, nq, width = indices.shape
+    rows = torch.arange(nq, device=indices.device)
+    valid = torch.arange(width, device=indices.device) < counts[..., None]
+    below = valid & (indices < rows[:, None])
+    full_counts = below.sum(-1).to(torch.int32)
+    full_idx = torch.where(below, indices, nq).sort(-1).values.clamp(max=nq - 1).to(torch.int32)
+    if width < nq:
+        full_idx = torch.cat([full_idx, full_idx.new_zeros(b, h, nq, nq - width)], -1)
+    diag_counts = torch.ones(b, h, nq, dtype=torch.int32, device=indices.device)
+    diag_idx = torch.zeros(b, h, nq, nq, dtype=torch.int32, device=indices.device)
+    diag_idx[..., 0] = rows.to(torch.int32)
+
+    def causal(b_, h_, qi, ki):
+        return ki <= qi
+
+    return BlockMask.from_kv_blocks(diag_counts, diag_idx, full_counts, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=causal)
 
 
-def _flex(q, k, v, table, block_size):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _flex(q, k, v, indices, counts, block_size):
+    from torch.nn.attention.flex_attention import flex_attention
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    tab = table[0]  # [H, NQB, NKB]
-
-    def mask_mod(b, h, qi, ki):
-        return tab[h, qi // block_size, ki // block_size] & (ki <= qi)
-
-    n = q.shape[2]
-    mask = create_block_mask(mask_mod, 1, q.shape[1], n, n, device=q.device, BLOCK_SIZE=block_size)
+    mask = flex_block_mask(indices, counts, block_size)
+    options = {"BLOCK_M": block_size, "BLOCK_N": block_size} if block_size < 128 else None
     fn = torch.compile(flex_attention, dynamic=False)
-    return lambda: fn(q, k, v, block_mask=mask, enable_gqa=True)
+    return lambda: fn(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options)
 
 
 def bench(n, density, block_size, heads, d, dtype, providers, env, seed=0):
@@ -70,7 +81,6 @@ def bench(n, density, block_size, heads, d, dtype, providers, env, seed=0):
     nb = -(-n // block_size)
     idx, cnt = random_selection(1, hq, nb, nb, density, "cuda", g)
     got = float(achieved_density(cnt, nb).mean())
-    table = None
     rows = []
     for provider in providers:
         try:
@@ -87,8 +97,7 @@ def bench(n, density, block_size, heads, d, dtype, providers, env, seed=0):
                     with sdpa_kernel([backend]):
                         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             elif provider == "flex":
-                table = block_map(idx, cnt, nb) if table is None else table
-                fn = _flex(q, k, v, table, block_size)
+                fn = _flex(q, k, v, idx, cnt, block_size)
             elif provider == "gate":
                 gate = SeerGate(hq, hkv, d, block_size=block_size).to("cuda", dtype)
 
@@ -101,7 +110,11 @@ def bench(n, density, block_size, heads, d, dtype, providers, env, seed=0):
             else:
                 raise ValueError(provider)
             with torch.no_grad():
-                fn()
+                out = fn()
+                if provider == "flex":  # same selection, same numbers
+                    ours = block_sparse_attention(q, k, v, idx, cnt, block_size=block_size)[0].float()
+                    err = (out.float() - ours).norm() / ours.norm()
+                    print(f"# flex vs sparse output, relative L2: {float(err):.2e}", flush=True)
                 p50, p20, p80 = time_cuda(fn)
         except Exception as exc:  # noqa: BLE001  (a baseline that cannot run is reported, not fatal)
             print(f"# {provider} N={n} density={density}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
