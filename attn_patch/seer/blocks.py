@@ -55,9 +55,10 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
     """Gate probabilities [B, H, NQB, NKB] -> (block_indices int32 [B, H, NQB, MAXB] sorted ascending,
     block_counts int32 [B, H, NQB]).
 
-    Exactly one of ``density`` (top-k per row, k from ``topk_for_density``) and ``threshold`` (every
-    block with probability >= threshold). Only causally visible blocks are ever selected; the first
-    (sink) block and the diagonal block are always kept unless turned off, so no row is empty."""
+    Exactly one of ``density`` (the k best blocks per row, k from ``topk_for_density``, the forced
+    blocks counted among them) and ``threshold`` (every block with probability >= threshold). Only
+    causally visible blocks are ever selected; the first (sink) block and the diagonal block are
+    always kept unless turned off, so no row is empty."""
     if (density is None) == (threshold is None):
         raise ValueError("give exactly one of density and threshold")
     b, h, nq, nk = probs.shape
@@ -75,19 +76,20 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
     # forced blocks rank first, then by probability
     ranked = torch.where(forced, torch.full_like(scores, float("inf")), scores)
     if density is not None:
-        k = min(nk, topk_for_density(density, nk))
+        # top-k straight to index lists: only the k winners are sorted, never the whole [NQB, NKB]
+        # map, and the width is known without reading anything back from the device
+        k = min(nk, max(topk_for_density(density, nk), int(keep_sink) + int(keep_diagonal)))
         top = ranked.topk(k, dim=-1)
-        chosen = torch.zeros_like(visible.expand(b, h, nq, nk))
-        chosen = chosen.scatter(-1, top.indices, top.values > float("-inf"))
-        chosen |= forced  # forced blocks beyond k (rare: k == 1 with sink and diagonal) stay on
+        valid = top.values > float("-inf")
+        indices = torch.where(valid, top.indices, nk).sort(dim=-1).values
+        counts = valid.sum(dim=-1).to(torch.int32)
     else:
-        chosen = (scores >= threshold) | forced
-    chosen &= visible
-    counts = chosen.sum(dim=-1).to(torch.int32)
-    width = max(1, int(counts.max()))
-    # sorted ascending indices of the chosen blocks first: sort keys put unchosen blocks last
-    order = torch.where(chosen, torch.arange(nk, device=probs.device), nk + torch.arange(nk, device=probs.device))
-    indices = order.sort(dim=-1).values[..., :width]
+        chosen = ((scores >= threshold) | forced) & visible
+        counts = chosen.sum(dim=-1).to(torch.int32)
+        width = max(1, int(counts.max()))
+        # ascending indices of the chosen blocks first: unchosen blocks sort after every chosen one
+        arange = torch.arange(nk, device=probs.device)
+        indices = torch.where(chosen, arange, nk + arange).sort(dim=-1).values[..., :width]
     indices = torch.where(indices >= nk, torch.zeros_like(indices), indices).to(torch.int32)
     return indices.contiguous(), counts.contiguous()
 
