@@ -138,10 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Module docstrings kept as written, and every option's default shown."""
-
-
 # subcommand -> (module in attn_patch.evals, one-line help)
 EVALS = {
     "ppl": ("perplexity", "perplexity per context length on local text files or a datasets dataset"),
@@ -158,27 +154,22 @@ BENCHES = {
 def _add_group(sub, name: str, help_text: str, table: dict) -> None:
     import importlib
 
+    from .evals.common import HelpFormatter
+
     group = sub.add_parser(name, help=help_text, description=help_text)
     inner = group.add_subparsers(dest="task", required=True, metavar="{" + ",".join(table) + "}")
     for task, (module_name, task_help) in table.items():
         module = importlib.import_module(f"attn_patch.evals.{module_name}")
         parser = inner.add_parser(task, help=task_help, description=(module.__doc__ or task_help).strip(),
-                                  formatter_class=_HelpFormatter)
+                                  formatter_class=HelpFormatter)
         module.add_arguments(parser)
         parser.set_defaults(func=_runner(module))
 
 
 def _runner(module):
-    def run(args) -> int:
-        from .errors import ConfigError
+    from .evals.common import run_args
 
-        try:
-            return module.run(args)
-        except (ConfigError, FileNotFoundError) as exc:
-            print(f"attn-patch: error: {exc}", file=sys.stderr)
-            return 2
-
-    return run
+    return lambda args: run_args(module.run, args, "attn-patch")
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _INTERPRETING, LOG2E, _cdiv, _check, _last_dim_contiguous, _mma, flash_attention
+from .flash import _INTERPRETING, LOG2E, _cdiv, _check, _last_dim_contiguous, _mma, _next_pow2, flash_attention
 from .launch import CachedLauncher
 
 
@@ -79,7 +79,7 @@ def attention_with_block_max(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         gt = torch.zeros((b, hq, nqb, nkb), device=q.device, dtype=torch.float32)
         args = (q, k, lse.contiguous(), gt, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                 k.stride(2), hq, hq // hkv, tq, tk, nkb, q_offset, scale * LOG2E)
-        meta = dict(IS_CAUSAL=causal, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK=block_size)
+        meta = dict(IS_CAUSAL=causal, HEAD_DIM=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK=block_size)
         grid = (b * hq, nqb)
         if _INTERPRETING:
             _block_max[grid](*args, **meta)

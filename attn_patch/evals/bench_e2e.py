@@ -12,7 +12,6 @@ Rows go to the kernel results CSV (``bench`` = "e2e") so the README tables come 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,7 +20,8 @@ import torch
 
 from ..benchmarking import RESULTS_DIR, append_rows, environment, print_table
 from ..errors import ConfigError
-from .common import add_common_arguments, markdown_table, max_context, parse_methods, setup_from_args, write_json
+from .common import (add_common_arguments, markdown_table, max_context, parse_methods, script_main,
+                     setup_from_args, write_json)
 from .text import generated_filler, load_texts
 
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768)
@@ -221,12 +221,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except ConfigError as exc:
-        parser.error(str(exc))
+    return script_main(add_arguments, run, __doc__, argv, prog="bench_e2e")
 
 
 if __name__ == "__main__":

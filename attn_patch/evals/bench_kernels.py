@@ -12,7 +12,6 @@ TFLOP/s) to results/kernels.csv, from which the README tables are built
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from ..benchmarking import RESULTS_DIR, append_rows, cuda_graphed, environment, print_table, time_cuda
 from ..kernels import attention_flops
+from .common import script_main
 
 PROVIDERS = ["attn_patch", "sdpa-flash", "sdpa-cudnn", "flex"]
 SHAPES = {"llama": (32, 8, 128), "smollm2": (9, 3, 64)}
@@ -151,10 +151,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--no-save", action="store_true", help="print only, do not append to the results file")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+def main(argv=None) -> int:
+    return script_main(add_arguments, run, __doc__, argv, prog="bench_kernels")
 
 
 def run(args) -> int:

@@ -12,7 +12,6 @@ results/kernels.csv with bench = "sparse".
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from ..benchmarking import RESULTS_DIR, append_rows, environment, print_table, time_cuda
 from ..kernels import attention_flops
+from .common import script_main
 
 PROVIDERS = ["sparse", "dense", "sdpa-flash", "sdpa-cudnn", "flex", "gate", "ground-truth"]
 
@@ -171,9 +171,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    return script_main(add_arguments, run, __doc__, argv, prog="bench_sparse")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """What every evaluation shares: method specs, model loading, result files."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,3 +192,23 @@ def setup_from_args(args):
     dtype = resolve_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     model, tokenizer = load_model(args.model, device=device, dtype=dtype, rope_scaling=args.rope_scaling)
     return model, tokenizer, methods, device, dtype
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Module docstrings kept as written, and every option's default shown."""
+
+
+def run_args(run, args, prog: str) -> int:
+    """``run(args)``, with a bad input (ConfigError, missing file) printed as one line and exit code 2."""
+    try:
+        return run(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def script_main(add_arguments, run, description: str | None, argv=None, prog: str | None = None) -> int:
+    """What every eval / bench module's ``main`` does: parse ``argv`` with its arguments and run."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    add_arguments(parser)
+    return run_args(run, parser.parse_args(argv), parser.prog)

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .common import (MethodSpec, add_common_arguments, describe_run, markdown_table, max_context, parse_method,
-                     parse_methods, progress, setup_from_args, write_json)
+from .common import (add_common_arguments, describe_run, markdown_table, max_context, parse_method,
+                     parse_methods, progress, script_main, setup_from_args, write_json)
 from .text import Document, load_texts
 
 DEFAULT_LENGTHS = (2048, 4096, 8192)
@@ -383,18 +383,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="eval_perplexity",
-        description="Perplexity of the original model and of attn_patch methods on long text, per context "
-                    "length: every method scores the same token windows. Example: --data "
-                    "../shared/data/books --lengths 2048 4096 --method sdpa --method flash")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    return script_main(add_arguments, run, __doc__, argv, prog="eval_perplexity")
 
 
 if __name__ == "__main__":
