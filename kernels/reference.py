@@ -101,6 +101,8 @@ def attention_reference(
         extra = dense_mask.bool() if extra is None else extra & dense_mask.bool()
     if block_indices is not None:
         blocks = block_sparse_to_dense(block_indices, block_counts, tq, tk, block_size)
+        if blocks.shape[1] not in (1, hq):  # one selection per GQA group (or any divisor of Hq)
+            blocks = blocks.repeat_interleave(hq // blocks.shape[1], dim=1)
         extra = blocks if extra is None else extra & blocks
 
     qf = q.float().reshape(bsz, hkv, group, tq, d)

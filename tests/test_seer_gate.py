@@ -40,14 +40,44 @@ def test_gate_shapes_rows_and_causality(seed, q_proj, k_proj_per, selection):
 
 def test_gate_chunk_after_cache_equals_rows_of_the_full_pass(seed):
     """Chunked prefill: a chunk of queries starting at a block boundary scores like those rows of a
-    single pass over everything (block RoPE at absolute positions)."""
+    single pass over everything (block RoPE at absolute positions); a chunk starting inside a block
+    has a partial first query block that pools only the chunk's rows."""
     gate = SeerGate(4, 2, 16, block_size=16)
     q, k = _qk(hq=4, t=80)
     full = gate.logits(q, k)
     chunk = gate.logits(q[:, :, 48:], k, q_offset=48)
     torch.testing.assert_close(chunk, full[:, :, 3:])
-    with pytest.raises(ValueError, match="multiple of the gate's block size"):
-        gate.logits(q[:, :, 40:], k, q_offset=40)
+    ragged = gate.logits(q[:, :, 40:], k, q_offset=40)
+    assert ragged.shape == (2, 4, 3, 5)
+    torch.testing.assert_close(ragged[:, :, 1:], full[:, :, 3:])
+    q2 = q.clone()
+    q2[:, :, 32:40] = 100.0  # rows before the chunk do not reach its partial block
+    torch.testing.assert_close(gate.logits(q2[:, :, 40:], k, q_offset=40), ragged)
+
+
+def test_pooling_undoes_rope_and_skips_padding(seed):
+    """Given post-RoPE q/k and the model's cos/sin, the gate pools the pre-RoPE values (partial
+    rotary too); padded keys do not enter the pooled keys."""
+    from attn_patch.seer.gate import pool_gate_inputs, rotate_half
+
+    q, k = _qk(b=2, hq=4, hkv=2, t=40, d=16)
+    for rot in (16, 8):
+        ang = torch.randn(2, 40, rot // 2)
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1) * 1.3, torch.cat([ang.sin(), ang.sin()], -1) * 1.3
+
+        def rope(x, cos=cos, sin=sin, rot=rot):
+            c, s = cos[:, None], sin[:, None]
+            return torch.cat([x[..., :rot] * c + rotate_half(x[..., :rot]) * s, x[..., rot:]], -1)
+
+        want = pool_gate_inputs(q[:, :, 8:], k, 16, 8)
+        got = pool_gate_inputs(rope(q)[:, :, 8:], rope(k), 16, 8, cos, sin)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    pad = torch.ones(2, 40, dtype=torch.bool)
+    pad[0, :20] = False
+    _, kb = pool_gate_inputs(q, k, 16, 0, key_padding=pad)
+    torch.testing.assert_close(kb[0, :, 1, 32:], k[0, :, 20:32].mean(1))
+    assert (kb[0, :, 0] == 0).all()
 
 
 def test_gate_errors():

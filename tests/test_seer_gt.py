@@ -34,3 +34,32 @@ def test_block_size_checked():
     q = torch.randn(1, 2, 16, 16, device=DEVICE, dtype=torch.float32)
     with pytest.raises(ValueError, match="power of two"):
         attention_with_block_max(q, q, q, block_size=24)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot,lead,padded", [(None, 0, False), (32, 0, True), (16, 5, False), (32, 9, True)])
+def test_fused_pooling_matches_reference(seed, dtype, rot, lead, padded):
+    """The gate's pooling kernel (inverse RoPE, max/min/avg, padding, a partial first block) equals
+    the PyTorch pooling."""
+    from attn_patch.kernels.seer_pool import pool_blocks_fused
+    from attn_patch.seer.gate import pool_blocks, unrope
+
+    b, h, t, d = 2, 3, 45, 32
+    x = torch.randn(b, t, h, d, device=DEVICE, dtype=dtype).transpose(1, 2)  # strided like the model's
+    cos = sin = None
+    xr = x.float()
+    if rot is not None:
+        ang = torch.randn(1, t, rot // 2, device=DEVICE)
+        cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+        xr = unrope(x, cos, sin)
+    valid = None
+    if padded:
+        valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+        valid[1, :20] = False
+    got_k = pool_blocks_fused(x, 16, minmax=True, lead=lead, cos=cos, sin=sin, key_padding=valid)
+    want_k = torch.cat([pool_blocks(xr, 16, how, lead=lead, valid=valid) for how in ("max", "min", "avg")], -1)
+    got_q = pool_blocks_fused(x, 16, minmax=False, lead=lead, cos=cos, sin=sin)
+    want_q = pool_blocks(xr, 16, "avg", lead=lead)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got_k, want_k, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_q, want_q, atol=tol, rtol=tol)

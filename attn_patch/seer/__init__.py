@@ -1,8 +1,11 @@
-"""SeerAttention: learned block-sparse prefill attention (issue 4). This package holds the gate
-(gate.py) and the block-level ground truth and selection (blocks.py); the method that patches a
-model with them is registered once its kernel path is complete."""
-from .blocks import achieved_density, ground_truth_reference, select_blocks, topk_for_density
-from .gate import SeerGate, block_causal_mask, pool_blocks
+"""SeerAttention: learned block-sparse prefill attention.
 
-__all__ = ["SeerGate", "pool_blocks", "block_causal_mask", "ground_truth_reference", "select_blocks",
-           "topk_for_density", "achieved_density"]
+gate.py (the per-layer gate and its input pooling), blocks.py (ground truth and block selection),
+weights.py (gate files), method.py (the "seer" method: ``attn_patch.apply(model, "seer")``)."""
+from .blocks import achieved_density, ground_truth_reference, select_blocks, topk_for_density, topk_for_layout
+from .gate import SeerGate, block_causal_mask, pool_blocks, pool_gate_inputs
+from .method import SeerConfig, distill_losses, gates_of, model_info, save_gates, stats
+
+__all__ = ["SeerGate", "pool_blocks", "pool_gate_inputs", "block_causal_mask", "ground_truth_reference",
+           "select_blocks", "topk_for_density", "topk_for_layout", "achieved_density", "SeerConfig", "stats",
+           "distill_losses", "save_gates", "gates_of", "model_info"]

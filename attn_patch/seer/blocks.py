@@ -2,6 +2,7 @@
 that turns gate scores into the compact index lists the block-sparse kernel iterates over."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,13 +50,32 @@ def topk_for_density(density: float, n_blocks: int) -> int:
     return max(1, math.ceil((1.0 - math.sqrt(1.0 - density)) * n_blocks))
 
 
+@functools.lru_cache(maxsize=256)
+def topk_for_layout(density: float, n_q: int, n_k: int, q_block_offset: int) -> int:
+    """The same k for every query-block row such that the kept blocks are ``density`` of the
+    causally visible ones for this layout (a full square, or a chunk of rows late in a long cache,
+    whose rows all see many blocks). Rows that see fewer than k blocks keep all of theirs."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    visible = [min(n_k, i + q_block_offset + 1) for i in range(n_q)]
+    target = density * sum(visible)
+    lo, hi = 1, n_k
+    while lo < hi:  # smallest k whose kept blocks reach the target
+        mid = (lo + hi) // 2
+        if sum(min(mid, v) for v in visible) >= target - 1e-9:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshold: float | None = None,
                   keep_sink: bool = True, keep_diagonal: bool = True, q_block_offset: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate probabilities [B, H, NQB, NKB] -> (block_indices int32 [B, H, NQB, MAXB] sorted ascending,
     block_counts int32 [B, H, NQB]).
 
-    Exactly one of ``density`` (the k best blocks per row, k from ``topk_for_density``, the forced
+    Exactly one of ``density`` (the k best blocks per row, k from ``topk_for_layout``, the forced
     blocks counted among them) and ``threshold`` (every block with probability >= threshold). Only
     causally visible blocks are ever selected; the first (sink) block and the diagonal block are
     always kept unless turned off, so no row is empty."""
@@ -78,7 +98,7 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
     if density is not None:
         # top-k straight to index lists: only the k winners are sorted, never the whole [NQB, NKB]
         # map, and the width is known without reading anything back from the device
-        k = min(nk, max(topk_for_density(density, nk), int(keep_sink) + int(keep_diagonal)))
+        k = min(nk, max(topk_for_layout(float(density), nq, nk, q_block_offset), int(keep_sink) + int(keep_diagonal)))
         top = ranked.topk(k, dim=-1)
         valid = top.values > float("-inf")
         indices = torch.where(valid, top.indices, nk).sort(dim=-1).values

@@ -12,7 +12,7 @@ Per layer, from the attention's query and key *before* RoPE:
 
 The result, [B, H, n_q_blocks, n_k_blocks] with H the query heads ("head" selection) or the KV
 heads ("group" selection, the group's heads averaged), is what the block selection reads and what
-distillation trains against the ground truth of ``ground_truth.py``.
+distillation trains against the ground truth of ``blocks.py``.
 """
 from __future__ import annotations
 
@@ -22,24 +22,56 @@ import torch
 from torch import nn
 
 
-def pool_blocks(x: torch.Tensor, block_size: int, how: str) -> torch.Tensor:
-    """[B, H, T, D] -> [B, H, ceil(T / block_size), D]: ``how`` in avg / max / min over each block;
-    a partial last block pools over its real tokens only."""
+def pool_blocks(x: torch.Tensor, block_size: int, how: str, lead: int = 0,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, T, D] -> [B, H, NB, D]: ``how`` in avg / max / min over each block of ``block_size``
+    rows. ``lead`` rows before the first row belong to the first block without being there (a chunk
+    that starts inside a block); ``valid`` [B, T] (False = padding) drops rows. Partial blocks pool
+    over their real rows only; a block with none gives 0."""
     b, h, t, d = x.shape
-    nb = -(-t // block_size)
-    pad = nb * block_size - t
+    nb = -(-(t + lead) // block_size)
+    pad = nb * block_size - t - lead
+    keep = torch.ones(b, t, dtype=torch.bool, device=x.device) if valid is None else valid.bool()
+    keep = torch.nn.functional.pad(keep, (lead, pad)).view(b, 1, nb, block_size, 1)
+    xp = torch.nn.functional.pad(x, (0, 0, lead, pad)).view(b, h, nb, block_size, d)
     if how == "avg":
-        xs = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, nb, block_size, d).sum(dim=3)
-        counts = torch.full((nb,), float(block_size), device=x.device, dtype=xs.dtype)
-        counts[-1] = block_size - pad
-        return xs / counts[:, None]
+        total = torch.where(keep, xp, 0).sum(dim=3)
+        return total / keep.sum(dim=3).clamp(min=1).to(total.dtype)
+    if how not in ("max", "min"):
+        raise ValueError(f"pooling {how!r}: use avg, max or min")
     fill = float("-inf") if how == "max" else float("inf")
-    xp = torch.nn.functional.pad(x, (0, 0, 0, pad), value=fill).view(b, h, nb, block_size, d)
-    if how == "max":
-        return xp.amax(dim=3)
-    if how == "min":
-        return xp.amin(dim=3)
-    raise ValueError(f"pooling {how!r}: use avg, max or min")
+    pooled = torch.where(keep, xp, fill)
+    pooled = pooled.amax(dim=3) if how == "max" else pooled.amin(dim=3)
+    return torch.where(keep.any(dim=3), pooled, 0)
+
+
+def unrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo rotate-half RoPE: ``x`` [B, H, T, D] as the model attends (after RoPE), ``cos``/``sin``
+    [B|1, T, R] as the model's rotary embedding gave them (R <= D: partial rotary rotates the first
+    R channels). Exact for any per-position scale folded into cos/sin (YaRN's attention factor)."""
+    r = cos.shape[-1]
+    c, s = cos[:, None].float(), sin[:, None].float()
+    xr = x[..., :r].float()
+    pre = (xr * c - rotate_half(xr) * s) / (c * c + s * s)
+    return torch.cat([pre, x[..., r:].float()], dim=-1) if r < x.shape[-1] else pre
+
+
+def pool_gate_inputs(q: torch.Tensor, k: torch.Tensor, block_size: int, q_offset: int,
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                     key_padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's inputs in plain PyTorch: (pooled queries [B, Hq, NQB, D], pooled keys
+    [B, Hkv, NKB, 3D] as max | min | avg), fp32. ``q``/``k`` are taken before RoPE, or after it with
+    ``cos``/``sin`` for every key position (the queries use the last Tq of them). Query blocks are
+    aligned to the key blocks: a chunk starting inside a block gets a partial first block."""
+    tq, tk = q.shape[2], k.shape[2]
+    if cos is not None:
+        q = unrope(q, cos[:, tk - tq:], sin[:, tk - tq:])
+        k = unrope(k, cos, sin)
+    q, k = q.float(), k.float()
+    lead = q_offset % block_size
+    qb = pool_blocks(q, block_size, "avg", lead=lead)
+    kb = torch.cat([pool_blocks(k, block_size, how, valid=key_padding) for how in ("max", "min", "avg")], dim=-1)
+    return qb, kb
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -113,42 +145,54 @@ class SeerGate(nn.Module):
                 f"block_size={self.block_size}, gate_dim={self.gate_dim}, q_proj={self.q_weight is not None}, "
                 f"k_proj_per={self.k_proj_per}, selection={self.selection}, rope_theta={self.rope_theta}")
 
-    def logits(self, q: torch.Tensor, k: torch.Tensor, q_offset: int | None = None) -> torch.Tensor:
+    def logits(self, q: torch.Tensor, k: torch.Tensor, q_offset: int | None = None,
+               cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+               key_padding: torch.Tensor | None = None) -> torch.Tensor:
         """Block scores before the softmax, block-causal masked with -inf: [B, Hq, NQB, NKB] (fp32).
 
-        ``q`` [B, Hq, Tq, D] and ``k`` [B, Hkv, Tk, D] pre-RoPE; the queries sit at key positions
-        ``q_offset ..`` (default Tk - Tq), which must be a multiple of the block size."""
-        b, hq, tq, d = q.shape
-        hkv, tk = k.shape[1], k.shape[2]
-        bs = self.block_size
+        ``q`` [B, Hq, Tq, D] and ``k`` [B, Hkv, Tk, D] before RoPE (or after it, with the model's
+        ``cos``/``sin`` for all Tk positions); the queries sit at key positions ``q_offset ..``
+        (default Tk - Tq). Query blocks are aligned to key blocks, so a chunk that starts inside a
+        block has a partial first query block."""
+        tq, tk = q.shape[2], k.shape[2]
         q_offset = tk - tq if q_offset is None else int(q_offset)
-        if q_offset % bs:
-            raise ValueError(f"the queries start at position {q_offset}, not a multiple of the gate's block "
-                             f"size {bs}: chunked prefill must be chunked in whole blocks")
-        dtype = self.k_weight.dtype
-        qb = pool_blocks(q.to(dtype), bs, "avg")  # [B, Hq, NQB, D]
-        kb = torch.cat([pool_blocks(k.to(dtype), bs, how) for how in ("max", "min", "avg")], dim=-1)
+        qb, kb = pool_gate_inputs(q, k, self.block_size, q_offset, cos, sin, key_padding)
+        return self.score(qb, kb, q_offset // self.block_size)
+
+    def score(self, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int) -> torch.Tensor:
+        """Logits from pooled inputs (``pool_gate_inputs`` or the fused pooling kernel): query block i
+        sits at key block ``q_block_offset + i``. [B, Hq, NQB, NKB] fp32, -inf where not visible."""
+        b, hq, nqb, _ = qb.shape
+        hkv, nkb = kb.shape[1], kb.shape[2]
+        if hq != self.num_heads or hkv != self.num_kv_heads:
+            raise ValueError(f"gate built for {self.num_heads} query / {self.num_kv_heads} KV heads got "
+                             f"{hq} / {hkv}")
+        bs, dtype = self.block_size, self.k_weight.dtype
+        qb, kb = qb.to(dtype), kb.to(dtype)
         if self.k_proj_per == "head":
             kb = kb.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, NKB, 3D]
         kg = torch.einsum("bhnc,hcg->bhng", kb, self.k_weight)
         qg = torch.einsum("bhnd,hdg->bhng", qb, self.q_weight) if self.q_weight is not None else qb
         if self.rope_theta is not None:
-            nqb, nkb = qg.shape[2], kg.shape[2]
-            qg = block_rope(qg, torch.arange(nqb, device=q.device) * bs + q_offset, self.rope_theta)
-            kg = block_rope(kg, torch.arange(nkb, device=q.device) * bs, self.rope_theta)
+            qg = block_rope(qg, (torch.arange(nqb, device=qb.device) + q_block_offset) * bs, self.rope_theta)
+            kg = block_rope(kg, torch.arange(nkb, device=qb.device) * bs, self.rope_theta)
         if self.k_proj_per == "group":
-            qg = qg.view(b, hkv, hq // hkv, -1, self.gate_dim)
-            scores = torch.einsum("bkgnc,bkmc->bkgnm", qg, kg).reshape(b, hq, qg.shape[-2], kg.shape[-2])
+            qg = qg.view(b, hkv, hq // hkv, nqb, self.gate_dim)
+            scores = torch.einsum("bkgnc,bkmc->bkgnm", qg, kg).reshape(b, hq, nqb, nkb)
         else:
             scores = torch.einsum("bhnc,bhmc->bhnm", qg, kg)
         scores = scores.float() / math.sqrt(self.gate_dim)
-        mask = block_causal_mask(scores.shape[-2], scores.shape[-1], q_offset // bs, device=q.device)
+        mask = block_causal_mask(nqb, nkb, q_block_offset, device=qb.device)
         return scores.masked_fill(~mask, float("-inf"))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, q_offset: int | None = None) -> torch.Tensor:
-        """Block attention probabilities [B, H, NQB, NKB] (H = Hq, or Hkv for group selection)."""
-        probs = torch.softmax(self.logits(q, k, q_offset), dim=-1)
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over key blocks; for "group" selection the group's heads averaged: [B, H, NQB, NKB]."""
+        probs = torch.softmax(logits, dim=-1)
         if self.selection == "group":
             b, hq, nq, nk = probs.shape
             probs = probs.view(b, self.num_kv_heads, hq // self.num_kv_heads, nq, nk).mean(dim=2)
         return probs
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, q_offset: int | None = None, **rope) -> torch.Tensor:
+        """Block attention probabilities [B, H, NQB, NKB] (H = Hq, or Hkv for group selection)."""
+        return self.probs(self.logits(q, k, q_offset, **rope))

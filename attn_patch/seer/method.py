@@ -1,0 +1,432 @@
+"""Method "seer": SeerAttention's learned block-sparse prefill.
+
+Per attention layer a ``SeerGate`` (attached to the attention module as ``seer_gate``) scores key
+blocks for each query block from the layer's pre-RoPE queries and keys; the best blocks go to the
+block-sparse kernel as compact index lists. Per call:
+
+- prefill (at least one block of queries, at least ``min_length`` keys): gate -> selection ->
+  block-sparse attention. The gate pools q/k straight from the tensors the model attends with
+  (undoing RoPE on the fly with the model's own rotary embedding), so no model code is hooked.
+  A chunk on top of a KV cache is scored against every cached key block; a chunk that starts
+  inside a block gets a partial first query block.
+- decoding and short inputs: dense (the fused kernel, split-K for decoding), counted as dense
+  calls in ``stats``.
+- ``distill=True``: the exact dense output (the teacher) plus the ground truth of the block
+  distribution; the KL between it and the gate is kept for ``distill_losses(model)`` (used by
+  recipes/seer_distill.py). Only the gates receive gradients.
+
+Gates come from ``gates=PATH`` (written by the recipe), from the set shipped for the embedded
+SmolLM2 when ``gates`` is left out, or fresh (``gates="untrained"``) for distillation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import backend as _backend
+from ..config import MethodConfig, option
+from ..errors import ConfigError, PatchStateError, UnsupportedModelError
+from ..families import attention_modules, family_of, head_dim
+from ..kernels import MAX_HEAD_DIM, attention_reference
+from ..masks import as_attention_mask
+from ..registry import Method, register_method
+from . import weights as W
+from .blocks import ground_truth_reference, select_blocks
+from .gate import SeerGate, pool_gate_inputs
+
+DEFAULT_DENSITY = 0.2
+DEFAULT_BLOCK = 64
+UNTRAINED = "untrained"
+GATE_ATTR = "seer_gate"
+
+
+@dataclass
+class SeerConfig(MethodConfig):
+    gates: str | None = option(
+        None,
+        "gate weights: a directory (or .safetensors file) written by recipes/seer_distill.py; None: the "
+        "gates shipped for the model (the embedded SmolLM2), an error for other models; 'untrained': fresh "
+        "gates, for distillation",
+    )
+    density: float | None = option(
+        None,
+        f"fraction of the causally visible key blocks each query block keeps (top-k per head); None: "
+        f"{DEFAULT_DENSITY} unless a threshold is given",
+    )
+    threshold: float | None = option(
+        None, "keep every key block whose gate probability is >= threshold instead of a fixed density"
+    )
+    keep_sink: bool = option(True, "always keep the first key block (attention sink)")
+    keep_diagonal: bool = option(True, "always keep the query block's own (diagonal) key block")
+    min_length: int = option(1024, "calls with fewer keys than this run dense attention")
+    selection: str | None = option(
+        None, "'head': a selection per query head; 'group': one per KV head (its query heads' gate "
+        "probabilities averaged); None: as the gates were trained", choices=(None, "head", "group"))
+    block_size: int | None = option(
+        None, f"tokens per block (16-128, power of two); fixed by trained gates, {DEFAULT_BLOCK} for untrained ones")
+    gate_dim: int | None = option(None, "gate projection width (untrained gates; default: the head dim)")
+    q_proj: bool | None = option(None, "untrained gates: project pooled queries too (default False, as released)")
+    k_proj_per: str | None = option(None, "untrained gates: one key projection per query 'head' (default) or per "
+                                    "KV 'group'", choices=(None, "head", "group"))
+    distill: bool = option(False, "teacher mode for gate training: dense exact attention, gate KL losses recorded")
+
+    def validate(self) -> None:
+        if self.density is not None and self.threshold is not None:
+            raise ConfigError("give either density or threshold, not both")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"density must be in (0, 1], got {self.density}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold is a gate probability in [0, 1], got {self.threshold}")
+        if self.block_size is not None and (self.block_size not in (16, 32, 64, 128)):
+            raise ConfigError(f"block_size must be 16, 32, 64 or 128, got {self.block_size}")
+        if self.min_length < 0:
+            raise ConfigError(f"min_length must be >= 0, got {self.min_length}")
+        arch = {k: getattr(self, k) for k in ("gate_dim", "q_proj", "k_proj_per") if getattr(self, k) is not None}
+        if arch and self.gates != UNTRAINED:
+            raise ConfigError(f"{', '.join(arch)} shape untrained gates only (trained gates bring their own); "
+                              "drop them or pass gates='untrained'")
+
+    def selection_args(self) -> dict:
+        if self.threshold is not None:
+            return {"threshold": self.threshold}
+        return {"density": DEFAULT_DENSITY if self.density is None else self.density}
+
+
+# ------------------------------------------------------------------------------------------------
+# the model side
+# ------------------------------------------------------------------------------------------------
+
+
+def model_info(model) -> dict:
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    return {"model_type": config.model_type,
+            "num_layers": len(attention_modules(model)),
+            "num_heads": heads,
+            "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": head_dim(config),
+            "name": str(getattr(config, "_name_or_path", "") or "")}
+
+
+def _rotary(model):
+    for m in model.modules():
+        if type(m).__name__.endswith("RotaryEmbedding"):
+            return m
+    return None
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta or getattr(config, "rope_theta", None) or 10000.0)
+
+
+def _shipped_for(model) -> str | None:
+    name = model_info(model)["name"].lower().replace("_", "-")
+    for key, path in W.SHIPPED.items():
+        if key.split("-")[0] in name and key.split("-")[1] in name and (path / W.WEIGHTS_NAME).is_file():
+            return str(path)
+    return None
+
+
+def _resolve_gates(model, config: SeerConfig) -> tuple[str | None, dict | None, dict | None]:
+    """(path, saved config, tensors); path None for untrained gates."""
+    if config.gates == UNTRAINED:
+        return None, None, None
+    path = config.gates if config.gates is not None else _shipped_for(model)
+    if path is None:
+        raise ConfigError(
+            f"no SeerAttention gates for this model ({model_info(model)['name'] or model.config.model_type}): "
+            "gates ship only for the embedded SmolLM2-135M-Instruct. Train them with "
+            "`accelerate launch recipes/seer_distill.py --model ...` and pass gates=PATH, or pass "
+            "gates='untrained' to start a distillation"
+        )
+    meta, tensors = W.read_gates(path)
+    W.check_model_info(meta, _info_for_check(model), path)
+    if config.block_size is not None and config.block_size != meta["gate"]["block_size"]:
+        raise ConfigError(f"block_size={config.block_size} but the gates at {path} were trained with block size "
+                          f"{meta['gate']['block_size']}; drop block_size or train gates for it")
+    return path, meta, tensors
+
+
+def _info_for_check(model) -> dict:
+    info = model_info(model)
+    info.pop("name")
+    return info
+
+
+def check_model(model, config: SeerConfig) -> None:
+    family_of(model)
+    d = head_dim(model.config)
+    if not 16 <= d <= MAX_HEAD_DIM:
+        raise UnsupportedModelError(f"head_dim {d} is not supported by the block-sparse kernel "
+                                    f"(16 <= head_dim <= {MAX_HEAD_DIM})")
+    _resolve_gates(model, config)
+
+
+class SeerRuntime:
+    """Per-apply state shared by a model's gates (a plain object: never registered as a module)."""
+
+    def __init__(self, model, config: SeerConfig, block_size: int):
+        from ..flash import FlashConfig
+
+        self.config = config
+        self.block_size = block_size
+        self.rotary = _rotary(model)
+        self.dense_config = FlashConfig(backend=config.backend)
+        self.losses: list[torch.Tensor] = []
+        self._rope_key = None
+        self._rope = None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.selected: dict[int, torch.Tensor] = {}
+        self.visible: dict[int, int] = {}
+        self.sparse_calls: dict[int, int] = {}
+        self.dense_calls: dict[int, int] = {}
+
+    def rope(self, like: torch.Tensor, position_ids, tq: int, tk: int):
+        """The model's cos/sin for every key position [B|1, Tk, R], or (None, None) without RoPE.
+        Cached for the forward: every layer gets the same ``position_ids`` object."""
+        if self.rotary is None:
+            return None, None
+        key = (tq, tk, like.device)
+        if self._rope_key is not None and self._rope_key[0] is position_ids and self._rope_key[1:] == key:
+            return self._rope
+        if position_ids is None:
+            pos = torch.arange(tk, device=like.device)[None]
+        elif tq == tk:
+            pos = position_ids
+        else:  # cached keys sit right before the chunk's first position
+            pos = position_ids[:, :1] - (tk - tq) + torch.arange(tk, device=position_ids.device)
+        with torch.no_grad():
+            cos, sin = self.rotary(like, pos.to(like.device))
+        self._rope_key, self._rope = (position_ids, *key), (cos, sin)
+        return cos, sin
+
+    def record(self, layer: int, counts: torch.Tensor | None, visible: int) -> None:
+        if counts is None:
+            self.dense_calls[layer] = self.dense_calls.get(layer, 0) + 1
+            return
+        per_head = counts.sum(dim=(0, 2), dtype=torch.int64)
+        prev = self.selected.get(layer)
+        self.selected[layer] = per_head if prev is None else prev + per_head
+        self.visible[layer] = self.visible.get(layer, 0) + visible
+        self.sparse_calls[layer] = self.sparse_calls.get(layer, 0) + 1
+
+
+def _new_gates(model, config: SeerConfig, meta: dict | None) -> list[SeerGate]:
+    info = model_info(model)
+    if meta is not None:
+        g = meta["gate"]
+        arch = dict(block_size=g["block_size"], gate_dim=g["gate_dim"], q_proj=g["q_proj"],
+                    k_proj_per=g["k_proj_per"], selection=config.selection or g["selection"],
+                    rope_theta=g["rope_theta"])
+    else:
+        arch = dict(block_size=config.block_size or DEFAULT_BLOCK, gate_dim=config.gate_dim,
+                    q_proj=bool(config.q_proj), k_proj_per=config.k_proj_per or "head",
+                    selection=config.selection or "head",
+                    rope_theta=_rope_theta(model.config) if _rotary(model) is not None else None)
+    try:
+        return [SeerGate(info["num_heads"], info["num_kv_heads"], info["head_dim"], **arch)
+                for _ in range(info["num_layers"])]
+    except ValueError as exc:
+        raise ConfigError(f"cannot build gates for this model: {exc}") from None
+
+
+def attach(model, config: SeerConfig) -> None:
+    path, meta, tensors = _resolve_gates(model, config)
+    gates = _new_gates(model, config, meta)
+    if tensors is not None:
+        W.load_state(gates, tensors, path)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    runtime = SeerRuntime(model, config, gates[0].block_size)
+    for i, (module, gate) in enumerate(zip(attention_modules(model), gates)):
+        if hasattr(module, GATE_ATTR):
+            raise PatchStateError(f"attention module {i} already has a {GATE_ATTR!r} attribute")
+        gate.to(device)
+        gate.layer_index = i
+        gate.runtime = runtime
+        gate.source = path or UNTRAINED
+        module.add_module(GATE_ATTR, gate)
+
+
+def detach(model) -> None:
+    for module in attention_modules(model):
+        if GATE_ATTR in module._modules:
+            del module._modules[GATE_ATTR]
+
+
+def gates_of(model) -> list[SeerGate]:
+    gates = [getattr(m, GATE_ATTR, None) for m in attention_modules(model)]
+    if not gates or any(g is None for g in gates):
+        raise PatchStateError("model is not patched with 'seer' (no gates); call attn_patch.apply(model, 'seer')")
+    return gates
+
+
+# ------------------------------------------------------------------------------------------------
+# the attention function
+# ------------------------------------------------------------------------------------------------
+
+
+def attention(config: SeerConfig, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if dropout:
+        raise ConfigError(f"attention dropout (p={dropout}) is not supported by attn_patch's kernels; set the "
+                          "config's attention dropout to 0 or put the model in eval mode")
+    gate = getattr(module, GATE_ATTR, None)
+    if gate is None:
+        raise PatchStateError("this attention module has no SeerAttention gate; was the model patched with "
+                              "attn_patch.apply(model, 'seer')?")
+    rt: SeerRuntime = gate.runtime
+    mask = as_attention_mask(attention_mask, module, query, key, kwargs.get("is_causal"))
+    tq, tk = query.shape[2], key.shape[2]
+    bs = gate.block_size
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    kernel = _backend.choose(config.backend, query) == "triton"
+
+    if config.distill:
+        return _distill(gate, rt, mask, query, key, value, scale, kernel, kwargs.get("position_ids"))
+    if tq < bs or tk < config.min_length:
+        from ..flash import attention as dense
+
+        rt.record(gate.layer_index, None, 0)
+        return dense(rt.dense_config, module, query, key, value, mask, scaling=scaling, **kwargs)
+    _check_mask(mask, tk)
+
+    q_offset = mask.q_offset
+    lead = q_offset % bs
+    qb, kb = _pooled(rt, gate, query, key, value, mask, kernel, kwargs.get("position_ids"))
+    with torch.no_grad():
+        probs = gate.probs(gate.score(qb, kb, q_offset // bs))
+        idx, cnt = select_blocks(probs, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal,
+                                 q_block_offset=q_offset // bs, **config.selection_args())
+    nq, nk = probs.shape[-2], probs.shape[-1]
+    off = q_offset // bs
+    visible = query.shape[0] * sum(min(nk, i + off + 1) for i in range(nq))
+    rt.record(gate.layer_index, cnt, visible)
+    q_in = torch.nn.functional.pad(query, (0, 0, lead, 0)) if lead else query
+    args = dict(block_size=bs, causal=True, scale=scale, q_offset=q_offset - lead, key_padding=mask.key_padding)
+    if kernel:
+        from ..kernels.block_sparse import block_sparse_attention
+
+        out, _ = block_sparse_attention(q_in, key, value, idx, cnt, **args)
+    else:
+        out, _ = attention_reference(q_in, key, value, block_indices=idx, block_counts=cnt, **args)
+    if lead:
+        out = out[:, :, lead:]
+    return out.transpose(1, 2), None
+
+
+def _check_mask(mask, tk: int) -> None:
+    if mask.dense is not None or not mask.causal:
+        raise UnsupportedModelError(
+            "seer runs causal attention with optional key padding; this call has a custom (packed or "
+            "bidirectional) mask. Pass a 2-D padding mask, or use method 'flash' for this model")
+    if mask.window is not None and tk > mask.window:
+        raise UnsupportedModelError(
+            f"sliding-window attention (window {mask.window}) over {tk} keys is not supported by seer; set "
+            "config.sliding_window = None (full attention) or use method 'flash'")
+
+
+def _pooled(rt, gate, query, key, value, mask, kernel: bool, position_ids):
+    tq, tk = query.shape[2], key.shape[2]
+    bs = gate.block_size
+    cos, sin = rt.rope(value, position_ids, tq, tk)
+    with torch.no_grad():
+        if not kernel:
+            return pool_gate_inputs(query, key, bs, mask.q_offset, cos, sin, mask.key_padding)
+        from ..kernels.seer_pool import pool_blocks_fused
+
+        cq, sq = (None, None) if cos is None else (cos[:, tk - tq:], sin[:, tk - tq:])
+        qb = pool_blocks_fused(query, bs, minmax=False, lead=mask.q_offset % bs, cos=cq, sin=sq)
+        kb = pool_blocks_fused(key, bs, minmax=True, cos=cos, sin=sin, key_padding=mask.key_padding)
+    return qb, kb
+
+
+def _distill(gate, rt, mask, query, key, value, scale, kernel: bool, position_ids):
+    tq, tk = query.shape[2], key.shape[2]
+    if tq != tk or mask.key_padding is not None or mask.dense is not None or not mask.causal:
+        raise ConfigError("gate distillation runs on whole unpadded sequences: call the model with "
+                          "use_cache=False and no padding (pack the text to the training length)")
+    _check_mask(mask, tk)
+    bs = gate.block_size
+    with torch.no_grad():
+        if kernel:
+            from ..kernels.seer_gt import attention_with_block_max
+
+            out, _, gt = attention_with_block_max(query, key, value, block_size=bs, scale=scale, causal=True)
+        else:
+            out, _ = attention_reference(query, key, value, causal=True, scale=scale)
+            gt = ground_truth_reference(query, key, block_size=bs, scale=scale)
+    qb, kb = _pooled(rt, gate, query, key, value, mask, kernel, position_ids)
+    with torch.enable_grad():
+        logits = gate.score(qb, kb, 0)
+        rt.losses.append(block_kl(gt, logits))
+    return out.transpose(1, 2), None
+
+
+def block_kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) per query-block row, averaged over rows, heads and batch."""
+    logq = torch.log_softmax(logits, dim=-1)
+    pos = target > 0
+    terms = torch.where(pos, target * (torch.log(target.clamp_min(1e-30)) - logq), 0.0)
+    return terms.sum(dim=-1).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# public helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def distill_losses(model, clear: bool = True) -> list[torch.Tensor]:
+    """The per-layer gate KL losses recorded by the last forward(s) in ``distill`` mode."""
+    rt = gates_of(model)[0].runtime
+    losses = list(rt.losses)
+    if clear:
+        rt.losses.clear()
+    return losses
+
+
+def stats(model, reset: bool = False) -> dict:
+    """Achieved block density per layer and head (selected / causally visible key blocks, over all
+    sparse calls since apply or the last reset), and how many calls ran sparse and dense."""
+    gates = gates_of(model)
+    rt = gates[0].runtime
+    layers = []
+    total_sel = total_vis = 0
+    for i in range(len(gates)):
+        sel = rt.selected.get(i)
+        vis = rt.visible.get(i, 0)
+        heads = [] if sel is None else [round(float(x) / vis, 4) for x in sel.double().cpu()]
+        if sel is not None:
+            total_sel += float(sel.sum())
+            total_vis += vis * sel.numel()
+        layers.append({"layer": i, "density": round(sum(heads) / len(heads), 4) if heads else None,
+                       "heads": heads, "sparse_calls": rt.sparse_calls.get(i, 0),
+                       "dense_calls": rt.dense_calls.get(i, 0)})
+    out = {"method": "seer", "block_size": rt.block_size, "selection": gates[0].selection,
+           "density": round(total_sel / total_vis, 4) if total_vis else None, "layers": layers,
+           "config": {k: v for k, v in rt.config.selection_args().items()}}
+    if reset:
+        rt.reset_stats()
+    return out
+
+
+def save_gates(model, path, training: dict | None = None, dtype: torch.dtype = torch.float32):
+    """Write the model's gates (safetensors + config.json) for ``apply(model, 'seer', gates=path)``."""
+    return W.save_gates(gates_of(model), path, model_info(model), training, dtype)
+
+
+SEER = register_method(Method(
+    name="seer",
+    summary="SeerAttention: learned per-layer gates pick key blocks; block-sparse prefill, dense decode",
+    config_class=SeerConfig,
+    attention=attention,
+    check_model=check_model,
+    attach=attach,
+    detach=detach,
+))
+
+__all__ = ["SeerConfig", "stats", "distill_losses", "save_gates", "gates_of", "model_info", "block_kl"]

@@ -1,0 +1,119 @@
+"""Saving and loading SeerAttention gates: one safetensors file plus a JSON config per gate set.
+
+A gate set is ``<dir>/gates.safetensors`` (tensors ``layers.<i>.k_weight`` and, with a query
+projection, ``layers.<i>.q_weight``) and ``<dir>/config.json``::
+
+    {"format": "attn_patch.seer_gates", "version": 1,
+     "gate": {"block_size": 64, "gate_dim": 64, "q_proj": false, "k_proj_per": "head",
+              "selection": "head", "rope_theta": 100000.0},
+     "model": {"model_type": "llama", "num_layers": 30, "num_heads": 9, "num_kv_heads": 3,
+               "head_dim": 64, "name": "..."},
+     "training": {...}}
+
+Loading is strict: the model's shape must match "model", and the tensors must be exactly the
+expected keys with the expected shapes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .gate import SeerGate
+
+FORMAT = "attn_patch.seer_gates"
+VERSION = 1
+WEIGHTS_NAME = "gates.safetensors"
+CONFIG_NAME = "config.json"
+GATE_KEYS = ("block_size", "gate_dim", "q_proj", "k_proj_per", "selection", "rope_theta")
+# gate sets shipped inside the package, by the model they were trained for
+SHIPPED_DIR = Path(__file__).resolve().parent / "gates"
+SHIPPED = {"smollm2-135m-instruct": SHIPPED_DIR / "smollm2-135m-instruct"}
+
+
+def gate_config(gate: SeerGate) -> dict:
+    return {"block_size": gate.block_size, "gate_dim": gate.gate_dim, "q_proj": gate.q_weight is not None,
+            "k_proj_per": gate.k_proj_per, "selection": gate.selection, "rope_theta": gate.rope_theta}
+
+
+def _paths(path) -> tuple[Path, Path]:
+    path = Path(os.fspath(path)).expanduser()
+    if path.suffix == ".safetensors":
+        return path, path.with_name(CONFIG_NAME)
+    return path / WEIGHTS_NAME, path / CONFIG_NAME
+
+
+def save_gates(gates: list[SeerGate], path, model_info: dict, training: dict | None = None,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``gates`` (one per layer, in layer order) to the directory ``path``; returns it."""
+    from safetensors.torch import save_file
+
+    weights, config = _paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for i, gate in enumerate(gates):
+        tensors[f"layers.{i}.k_weight"] = gate.k_weight.detach().to("cpu", dtype).contiguous()
+        if gate.q_weight is not None:
+            tensors[f"layers.{i}.q_weight"] = gate.q_weight.detach().to("cpu", dtype).contiguous()
+    save_file(tensors, str(weights), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "version": VERSION, "gate": gate_config(gates[0]), "model": model_info,
+            "training": training or {}}
+    config.write_text(json.dumps(meta, indent=2) + "\n")
+    return weights.parent
+
+
+def read_gates(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, tensors) of a saved gate set; clear errors for a wrong or incomplete path."""
+    from safetensors.torch import load_file
+
+    weights, config = _paths(path)
+    if not weights.is_file():
+        raise ConfigError(f"no gate weights at {weights}: pass gates= a directory holding {WEIGHTS_NAME} and "
+                          f"{CONFIG_NAME} (as written by recipes/seer_distill.py), or the .safetensors file itself")
+    if not config.is_file():
+        raise ConfigError(f"{weights} has no {CONFIG_NAME} beside it; the gate configuration (block size, "
+                          "projections, model shape) is needed to load it")
+    meta = json.loads(config.read_text())
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{config} is not an attn_patch gate config (format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise ConfigError(f"{config} has gate format version {meta.get('version')}; this attn_patch reads "
+                          f"version {VERSION}")
+    missing = [k for k in GATE_KEYS if k not in meta.get("gate", {})]
+    if missing:
+        raise ConfigError(f"{config} lacks gate settings {missing}")
+    return meta, load_file(str(weights))
+
+
+def check_model_info(meta: dict, model_info: dict, where) -> None:
+    saved = meta.get("model", {})
+    diffs = [f"{k}: gates {saved.get(k)!r}, model {v!r}" for k, v in model_info.items()
+             if k != "name" and saved.get(k) != v]
+    if diffs:
+        raise ConfigError(f"the gates at {where} were trained for another model shape ({'; '.join(diffs)}); "
+                          "train gates for this model with recipes/seer_distill.py")
+
+
+def load_state(gates: list[SeerGate], tensors: dict[str, torch.Tensor], where) -> None:
+    """Copy ``tensors`` into ``gates``; any missing, unexpected or mis-shaped key is an error."""
+    expected = {}
+    for i, gate in enumerate(gates):
+        expected[f"layers.{i}.k_weight"] = gate.k_weight
+        if gate.q_weight is not None:
+            expected[f"layers.{i}.q_weight"] = gate.q_weight
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"gate weights at {where} do not match the gates: missing {missing[:4]}"
+                          f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                          f"{'...' if len(unexpected) > 4 else ''}")
+    for key, param in expected.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise ConfigError(f"gate weight {key} at {where} has shape {tuple(tensors[key].shape)}, the gate "
+                              f"expects {tuple(param.shape)}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key].to(param.device, param.dtype))

@@ -1,0 +1,271 @@
+"""SeerAttention gate distillation: train the per-layer gates of a frozen model to predict where its
+attention goes.
+
+    accelerate launch --config_file recipes/configs/single_gpu.yaml recipes/seer_distill.py \\
+        --data ../shared/data/books/moby_dick.txt ../shared/data/books/jack_sheppard.txt \\
+        --seq-len 8192 --steps 400 --out runs/seer-smollm2
+
+    # two GPUs, data parallel (the gates are small: DDP, every rank holds the frozen model)
+    accelerate launch --config_file recipes/configs/ddp_2gpu.yaml recipes/seer_distill.py ...
+
+The model is patched with ``attn_patch.apply(model, "seer", distill=True)``: each layer computes the
+exact dense attention (the teacher, on the fused ground-truth kernel on GPU) together with the
+ground truth of the block distribution (per query block and key block, the largest attention
+probability, max-pooled over the query block's rows and normalised per row), and the gate's
+block softmax is trained against it with KL(ground truth || gate), summed over layers. The base
+model is frozen and runs without building an autograd graph; only the gates train.
+
+Text comes from local files / directories / globs or ``hf:NAME[:CONFIG][@SPLIT]`` (``datasets``),
+is tokenised, joined with EOS between documents, and cut into windows of exactly ``--seq-len``
+tokens. Each micro-batch takes the next windows of a seeded per-epoch permutation, ranks taking
+disjoint ones, so ``--resume`` continues with exactly the batches it would have seen.
+
+Output (``--out``): ``gates.safetensors`` + ``config.json`` (load with
+``attn_patch.apply(model, "seer", gates=OUT)``), ``log.jsonl`` (one line per logged step),
+``checkpoint/`` (gates, optimizer, scheduler, step) every ``--save-every`` steps and at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# evaluation text (scripts/reproduce_eval.sh) that gates must never be trained on
+HELD_OUT = ("pride_and_prejudice", "news_from_nowhere")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=type(
+        "F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    ap.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", nargs="+", required=True, help="text files, directories, globs or hf:NAME")
+    ap.add_argument("--text-field", default="text", help="column of a datasets dataset")
+    ap.add_argument("--allow-eval-text", action="store_true",
+                    help=f"allow training on the held-out evaluation books ({', '.join(HELD_OUT)})")
+    ap.add_argument("--rope-scaling", help="RoPE scaling while training (linear:4, yarn:4, ...)")
+    ap.add_argument("--seq-len", type=int, default=8192, help="tokens per training sequence")
+    ap.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per process")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--steps", type=int, default=400, help="optimizer steps")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--block-size", type=int, default=64, choices=[16, 32, 64, 128])
+    ap.add_argument("--gate-dim", type=int, help="gate width (needs --q-proj unless equal to the head dim)")
+    ap.add_argument("--q-proj", action="store_true", help="project pooled queries too")
+    ap.add_argument("--k-proj-per", default="head", choices=["head", "group"])
+    ap.add_argument("--selection", default="head", choices=["head", "group"], help="stored default selection")
+    ap.add_argument("--init-gates", help="start from these gates instead of fresh ones")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="frozen model dtype (default: bfloat16 on GPU, float32 on CPU); gates train in fp32")
+    ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    ap.add_argument("--stop-at", type=int, help="checkpoint and stop after this step (a time-sliced job; resume "
+                                                  "later with --resume and the same --steps)")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def token_windows(tokenizer, docs, seq_len: int) -> torch.Tensor:
+    """[N, seq_len] int64: the documents tokenised, joined with EOS, cut into whole windows."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for doc in docs:
+        stream.extend(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise SystemExit(f"the training text has {len(stream)} tokens, fewer than one --seq-len {seq_len} window")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def window_index(micro: int, rank: int, world: int, batch: int, n: int, seed: int) -> list[int]:
+    """The windows of global micro-batch ``micro`` for ``rank``: positions in a seeded permutation
+    per epoch, never repeating inside an epoch across ranks."""
+    out = []
+    for j in range(batch):
+        slot = (micro * world + rank) * batch + j
+        epoch, pos = divmod(slot, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    import attn_patch
+    from attn_patch.evals.common import load_model, progress
+    from attn_patch.evals.text import load_texts
+    from attn_patch.seer import distill_losses, gates_of, model_info
+    from attn_patch.seer import weights as W
+
+    accelerator = Accelerator()
+    set_seed(args.seed)
+    out = Path(args.out)
+    docs = load_texts(args.data, text_field=args.text_field)
+    held = [d.name for d in docs if any(h in Path(d.name).name for h in HELD_OUT)]
+    if held and not args.allow_eval_text:
+        raise SystemExit(f"{held} are held out for evaluation; train on other text or pass --allow-eval-text")
+    device = accelerator.device
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model, tokenizer = load_model(args.model, device=str(device), dtype=dtype, rope_scaling=args.rope_scaling)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gate_opts = dict(block_size=args.block_size, k_proj_per=args.k_proj_per, selection=args.selection,
+                     q_proj=args.q_proj)
+    if args.gate_dim:
+        gate_opts["gate_dim"] = args.gate_dim
+    attn_patch.apply(model, "seer", distill=True, gates="untrained", **gate_opts)
+    gates = gates_of(model)
+    if args.init_gates:
+        meta, tensors = W.read_gates(args.init_gates)
+        W.check_model_info(meta, {k: v for k, v in model_info(model).items() if k != "name"}, args.init_gates)
+        W.load_state(gates, tensors, args.init_gates)
+    params = [p for g in gates for p in g.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    windows = token_windows(tokenizer, docs, args.seq_len)
+    n_params = sum(p.numel() for p in params)
+    accelerator.print(f"{len(docs)} documents -> {windows.shape[0]} windows of {args.seq_len} tokens; "
+                      f"{len(gates)} gates, {n_params / 1e6:.2f} M trainable parameters; "
+                      f"{accelerator.num_processes} process(es)")
+
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps, args.min_lr_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    base = accelerator.unwrap_model(model)
+
+    ckpt = out / "checkpoint"
+    start = 0
+    if args.resume:
+        if not (ckpt / "trainer_state.pt").is_file():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+        meta, tensors = W.read_gates(ckpt)
+        W.load_state(gates_of(base), tensors, ckpt)
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        accelerator.print(f"resumed from {ckpt} at step {start}")
+
+    def save(path: Path, step: int, final: dict | None = None) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            training = {"recipe": "recipes/seer_distill.py", "step": step, "seq_len": args.seq_len,
+                        "tokens": step * tokens_per_step, "data": [Path(d).name for d in args.data],
+                        "lr": args.lr, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                        "processes": accelerator.num_processes, **(final or {})}
+            W.save_gates(gates_of(base), path, model_info(base), training,
+                         torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32)
+            if path == ckpt:
+                torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "args": vars(args)}, ckpt / "trainer_state.pt")
+        accelerator.wait_for_everyone()
+
+    tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * accelerator.num_processes
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
+    bar = progress(total=args.steps, initial=start, desc="distill", disable=not accelerator.is_main_process)
+    t0 = time.perf_counter()
+    first = last = None
+    interval_loss, interval_layers, interval_n = torch.zeros((), device=device), None, 0
+    model.eval()  # the frozen model runs as at inference (no dropout); only the gates learn
+    stop = min(args.steps, args.stop_at or args.steps)
+    for step in range(start, stop):
+        total = torch.zeros((), device=device)
+        per_layer = None
+        for a in range(args.grad_accum):
+            micro = step * args.grad_accum + a
+            idx = window_index(micro, accelerator.process_index, accelerator.num_processes, args.batch_size,
+                               windows.shape[0], args.seed)
+            ids = windows[idx].to(device)
+            sync = a == args.grad_accum - 1
+            ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
+            with ctx:
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                losses = torch.stack(distill_losses(base))
+                loss = losses.sum() / args.grad_accum
+                accelerator.backward(loss)
+            total += loss.detach()
+            per_layer = losses.detach() if per_layer is None else per_layer + losses.detach()
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        interval_loss += total
+        interval_layers = per_layer if interval_layers is None else interval_layers + per_layer
+        interval_n += 1
+        if done % args.log_every == 0 or done == stop or done == start + 1:
+            # the mean over the steps since the last line (one window's loss alone is noisy)
+            value = float(accelerator.reduce(interval_loss, reduction="mean")) / interval_n
+            first = value if first is None else first
+            last = value
+            if accelerator.is_main_process:
+                layers = (interval_layers / (args.grad_accum * interval_n)).tolist()
+                rec = {"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0],
+                       "tokens": done * tokens_per_step, "elapsed_s": round(time.perf_counter() - t0, 1),
+                       "layer_loss": [round(x, 4) for x in layers]}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix_str(f"loss {value:.4f}")
+            interval_loss, interval_layers, interval_n = torch.zeros((), device=device), None, 0
+        bar.update(1)
+        if args.save_every and done % args.save_every == 0 and done < stop:
+            save(ckpt, done)
+    bar.close()
+    if stop < args.steps:
+        save(ckpt, stop)
+        accelerator.print(f"stopped at step {stop} of {args.steps}; continue with --resume")
+        accelerator.end_training()
+        return 0
+    elapsed = time.perf_counter() - t0
+    final = {"first_loss": first, "final_loss": last, "train_seconds": round(elapsed, 1),
+             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
+    save(ckpt, args.steps)
+    save(out, args.steps, final)
+    accelerator.print(f"saved gates to {out} ({args.steps - start} steps, {elapsed:.1f} s, "
+                      f"{(args.steps - start) * tokens_per_step} tokens; loss {first} -> {last})")
+    if log is not None:
+        log.close()
+    accelerator.end_training()
+    return 0
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
