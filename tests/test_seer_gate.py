@@ -137,3 +137,20 @@ def test_benchmark_selection_and_flex_block_mask(seed):
     dense = mask.to_dense()  # [B, H, NQB, NKB] block map
     want = block_sparse_to_dense(idx, cnt, 12, 12, 1)
     assert torch.equal(dense.bool(), want)
+
+
+def test_heads_allocation_shares_the_row_budget(seed):
+    """allocation='heads': per row the heads keep k * H blocks in all (a focused head fewer, a diffuse
+    one more), each keeps its sink and diagonal, and the lists stay sorted and causal."""
+    logits = torch.randn(2, 4, 10, 10)
+    logits[:, 0] *= 8.0  # head 0 very focused
+    probs = torch.softmax(logits.masked_fill(~block_causal_mask(10, 10), float("-inf")), -1)
+    idx, cnt = select_blocks(probs, density=0.4, allocation="heads")
+    u_idx, u_cnt = select_blocks(probs, density=0.4)
+    torch.testing.assert_close(cnt.sum(1), u_cnt.sum(1))  # same blocks per row over the heads
+    assert not torch.equal(cnt, u_cnt)
+    for b in range(2):
+        for h in range(4):
+            for i in range(10):
+                row = idx[b, h, i, : cnt[b, h, i]].tolist()
+                assert row == sorted(set(row)) and all(j <= i for j in row) and 0 in row and i in row

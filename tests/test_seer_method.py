@@ -145,7 +145,7 @@ def test_distill_mode_records_losses_and_trains_only_gates(seed):
         sum(losses).backward()
         assert all(g.k_weight.grad is not None and g.k_weight.grad.abs().sum() > 0 for g in gates_of(model))
         with pytest.raises(ConfigError, match="use_cache=False"):
-            model(ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0))
+            model(ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.tensor([0], device=DEVICE), 0))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-5)
 
 

@@ -68,26 +68,53 @@ def _flex(q, k, v, indices, counts, block_size):
     return lambda: fn(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options)
 
 
-def bench(n, density, block_size, heads, d, dtype, providers, env, seed=0):
+def _rope_tables(n, d, device, dtype, theta=500000.0):
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)[None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _gate_fn(q, k, block_size, density):
+    """What seer runs per layer before the sparse kernel: fused pooling (undoing RoPE), the gate's
+    projections and block softmax, top-k selection to index lists."""
+    from ..kernels.seer_pool import pool_blocks_fused
+    from ..seer import SeerGate, select_blocks
+
+    hq, hkv, n, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    gate = SeerGate(hq, hkv, d, block_size=block_size, rope_theta=500000.0).to("cuda")
+    cos, sin = _rope_tables(n, d, q.device, q.dtype)
+
+    def fn():
+        qb = pool_blocks_fused(q, block_size, minmax=False, cos=cos, sin=sin)
+        kb = pool_blocks_fused(k, block_size, minmax=True, cos=cos, sin=sin)
+        return select_blocks(gate.probs(gate.score(qb, kb, 0)), density=density)
+    return fn
+
+
+def bench(n, density, block_size, heads, d, dtype, providers, env, seed=0, mode="fwd"):
     from ..kernels.block_sparse import block_sparse_attention
     from ..kernels.flash import flash_attention
-    from ..seer import SeerGate, achieved_density, select_blocks
+    from ..seer import achieved_density
 
     hq, hkv = heads
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(1, n, hq, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
-    k = torch.randn(1, n, hkv, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
-    v = torch.randn(1, n, hkv, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+    grad = mode == "bwd"
+    q = torch.randn(1, n, hq, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_(grad)
+    k = torch.randn(1, n, hkv, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_(grad)
+    v = torch.randn(1, n, hkv, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_(grad)
     nb = -(-n // block_size)
     idx, cnt = random_selection(1, hq, nb, nb, density, "cuda", g)
     got = float(achieved_density(cnt, nb).mean())
     rows = []
     for provider in providers:
+        if grad and provider in ("gate", "ground-truth"):
+            continue  # forward-only passes
         try:
             if provider == "sparse":
-                fn = lambda: block_sparse_attention(q, k, v, idx, cnt, block_size=block_size)  # noqa: E731
+                fn = lambda: block_sparse_attention(q, k, v, idx, cnt, block_size=block_size)[0]  # noqa: E731
             elif provider == "dense":
-                fn = lambda: flash_attention(q, k, v, decode=False)  # noqa: E731
+                fn = lambda: flash_attention(q, k, v, decode=False)[0]  # noqa: E731
             elif provider in ("sdpa-flash", "sdpa-cudnn"):
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -99,35 +126,63 @@ def bench(n, density, block_size, heads, d, dtype, providers, env, seed=0):
             elif provider == "flex":
                 fn = _flex(q, k, v, idx, cnt, block_size)
             elif provider == "gate":
-                gate = SeerGate(hq, hkv, d, block_size=block_size).to("cuda", dtype)
-
-                def fn(gate=gate):
-                    return select_blocks(gate(q, k), density=density)
+                fn = _gate_fn(q.detach(), k.detach(), block_size, density)
             elif provider == "ground-truth":  # distillation target: dense output + block maxima
                 from ..kernels.seer_gt import attention_with_block_max
 
                 fn = lambda: attention_with_block_max(q, k, v, block_size=block_size)  # noqa: E731
             else:
                 raise ValueError(provider)
-            with torch.no_grad():
+            if grad:
                 out = fn()
-                if provider == "flex":  # same selection, same numbers
-                    ours = block_sparse_attention(q, k, v, idx, cnt, block_size=block_size)[0].float()
-                    err = (out.float() - ours).norm() / ours.norm()
-                    print(f"# flex vs sparse output, relative L2: {float(err):.2e}", flush=True)
-                p50, p20, p80 = time_cuda(fn)
+                do = torch.randn_like(out)
+
+                def step(out=out, do=do):
+                    out.backward(do, retain_graph=True)
+                p50, p20, p80 = time_cuda(step, grad_to_none=[q, k, v])
+            else:
+                with torch.no_grad():
+                    out = fn()
+                    if provider == "flex":  # same selection, same numbers
+                        ours = block_sparse_attention(q, k, v, idx, cnt, block_size=block_size)[0].float()
+                        err = (out.float() - ours).norm() / ours.norm()
+                        print(f"# flex vs sparse output, relative L2: {float(err):.2e}", flush=True)
+                    p50, p20, p80 = time_cuda(fn)
         except Exception as exc:  # noqa: BLE001  (a baseline that cannot run is reported, not fatal)
-            print(f"# {provider} N={n} density={density}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+            print(f"# {provider} N={n} density={density} {mode}: {type(exc).__name__}: {str(exc)[:200]}",
+                  file=sys.stderr)
             continue
         work = attention_flops(1, hq, n, n, d, True) * (got if provider in ("sparse", "flex") else 1.0)
-        rows.append(dict(env, bench="sparse", provider=provider, mode="fwd", dtype=str(dtype).replace("torch.", ""),
+        work *= 2.5 if grad else 1.0
+        rows.append(dict(env, bench="sparse", provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
                          batch=1, heads_q=hq, heads_kv=hkv, q_len=n, kv_len=n, head_dim=d, causal=True,
                          extra=f"density={density},achieved={got:.3f},block={block_size}",
                          median_ms=round(p50, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
                          tflops="" if provider in ("gate", "ground-truth") else round(work / (p50 * 1e-3) / 1e12, 1)))
-        print(f"# {provider:10s} N={n} density {density} (achieved {got:.3f}) block {block_size}: {p50:.3f} ms",
-              flush=True)
+        print(f"# {provider:10s} {mode} N={n} density {density} (achieved {got:.3f}) block {block_size}: "
+              f"{p50:.3f} ms", flush=True)
     return rows
+
+
+def summary(rows) -> str:
+    keyed = {(r["mode"], r["q_len"], r["extra"], r["provider"]): float(r["median_ms"]) for r in rows}
+    fwd_gate = {(n, e): ms for (m, n, e, p), ms in keyed.items() if p == "gate"}
+    lines = []
+    for (mode, n, extra, prov), ms in sorted(keyed.items()):
+        if prov != "sparse":
+            continue
+        gate = fwd_gate.get((n, extra)) if mode == "fwd" else None
+        parts = []
+        for b in ("dense", "sdpa-flash", "sdpa-cudnn", "flex"):
+            base = keyed.get((mode, n, extra, b))
+            if base is None:
+                continue
+            parts.append(f"{b} {base / ms:.2f}x" + (f" ({base / (ms + gate):.2f}x with gate)" if gate else ""))
+        dense = keyed.get((mode, n, extra, "dense"))
+        if gate and dense:
+            parts.append(f"gate {100 * gate / dense:.1f}% of dense")
+        lines.append(f"{mode} N={n} {extra}: " + "  ".join(parts))
+    return "\n".join(lines)
 
 
 def add_arguments(ap) -> None:
@@ -138,6 +193,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--modes", nargs="+", default=["fwd"], choices=["fwd", "bwd"],
+                    help="fwd: forward passes; bwd: the backward pass alone (gate / ground truth are forward-only)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "kernels.csv"), help="results CSV to append to")
     ap.add_argument("--no-save", action="store_true")
 
@@ -152,19 +209,14 @@ def run(args) -> int:
     for n in args.lengths:
         for bs in args.block_sizes:
             for density in args.densities:
-                rows += bench(n, density, bs, tuple(args.heads), args.head_dim, dtype, args.providers, env)
-                torch.cuda.empty_cache()
-    print_table(rows, ["provider", "q_len", "extra", "median_ms", "tflops"])
-    keyed = {(r["q_len"], r["extra"], r["provider"]): float(r["median_ms"]) for r in rows}
-    print("\n# sparse speed-up (baseline time / sparse time) and gate cost (gate / dense time)")
-    for (n, extra, prov), ms in sorted(keyed.items()):
-        if prov != "sparse":
-            continue
-        parts = [f"{b} {keyed[(n, extra, b)] / ms:.2f}x" for b in ("dense", "sdpa-flash", "sdpa-cudnn", "flex")
-                 if (n, extra, b) in keyed]
-        if (n, extra, "gate") in keyed and (n, extra, "dense") in keyed:
-            parts.append(f"gate {100 * keyed[(n, extra, 'gate')] / keyed[(n, extra, 'dense')]:.1f}% of dense")
-        print(f"N={n} {extra}: " + "  ".join(parts))
+                for mode in args.modes:
+                    rows += bench(n, density, bs, tuple(args.heads), args.head_dim, dtype, args.providers, env,
+                                  mode=mode)
+                    torch.cuda.empty_cache()
+    print_table(rows, ["provider", "mode", "q_len", "extra", "median_ms", "tflops"])
+    print("\n# sparse speed-up (baseline time / sparse time; 'with gate': baseline / (sparse + gate)),"
+          " gate cost as % of dense")
+    print(summary(rows))
     if not args.no_save and rows:
         print(f"# appended {len(rows)} rows to {append_rows(rows, args.out)}")
     return 0

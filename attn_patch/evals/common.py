@@ -46,6 +46,20 @@ class MethodSpec:
             yield model
 
 
+def take_stats(model) -> dict | None:
+    """What the patched method measured since the last call (seer: achieved block density overall
+    and per layer, sparse / dense call counts), then reset; None when there is nothing to report."""
+    import attn_patch
+
+    state = attn_patch.patch_state(model)
+    if state is None or state.method != "seer":
+        return None
+    st = attn_patch.stats(model, reset=True)
+    return {"density": st["density"], "layer_density": [layer["density"] for layer in st["layers"]],
+            "sparse_calls": sum(layer["sparse_calls"] for layer in st["layers"]),
+            "dense_calls": sum(layer["dense_calls"] for layer in st["layers"]), "selection": st["config"]}
+
+
 def parse_method(text: str) -> MethodSpec:
     """``"sdpa"`` (the original model), ``"flash"``, or ``"name:opt=value,opt=value"``.
 

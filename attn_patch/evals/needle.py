@@ -307,6 +307,7 @@ def evaluate_needle(model, tokenizer, methods, lengths, depths=DEFAULT_DEPTHS, t
                                 "generated": text, "predicted": pred, "correct": bool(correct)})
                 bar.update(1)
                 bar.set_postfix_str(f"{spec.label} {lengths[li]} tok, {depths[di]:g}%: {'ok' if correct else 'miss'}")
+            attention = common.take_stats(model)
         seconds = time.perf_counter() - start
         grid = [[hits[di][li] / trials for li in range(len(lengths))] for di in range(len(depths))]
         texts = [r["generated"] for r in records]
@@ -318,7 +319,7 @@ def evaluate_needle(model, tokenizer, methods, lengths, depths=DEFAULT_DEPTHS, t
                           for li in range(len(lengths))],
             "mean": sum(map(sum, hits)) / len(prompts),
             "same_generation_as_first": sum(a == b for a, b in zip(texts, reference_texts)) / len(prompts),
-            "seconds": round(seconds, 2), "records": records,
+            "seconds": round(seconds, 2), "attention": attention, "records": records,
         }
     bar.close()
     first = prompts[0][5]

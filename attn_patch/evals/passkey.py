@@ -114,6 +114,7 @@ def evaluate_passkey(model, tokenizer, methods, lengths, trials: int = 10, *, se
                                 "correct": bool(correct)})
                 bar.update(1)
                 bar.set_postfix_str(f"{spec.label} {lengths[li]} tok: {'ok' if correct else 'miss'}")
+            attention = common.take_stats(model)
         texts = [r["generated"] for r in records]
         if reference_texts is None:
             reference_texts = texts
@@ -121,7 +122,7 @@ def evaluate_passkey(model, tokenizer, methods, lengths, trials: int = 10, *, se
             "method": spec.method, "options": spec.options,
             "accuracy": [h / trials for h in hits], "mean": sum(hits) / len(prompts),
             "same_generation_as_first": sum(a == b for a, b in zip(texts, reference_texts)) / len(prompts),
-            "seconds": round(time.perf_counter() - start, 2), "records": records,
+            "seconds": round(time.perf_counter() - start, 2), "attention": attention, "records": records,
         }
     bar.close()
     return {

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .common import (add_common_arguments, describe_run, markdown_table, max_context, parse_method,
+from .common import (add_common_arguments, describe_run, markdown_table, max_context, parse_method, take_stats,
                      parse_methods, progress, script_main, setup_from_args, write_json)
 from .text import Document, load_texts
 
@@ -259,6 +259,9 @@ def evaluate_perplexity(model, tokenizer, documents: list[Document], lengths, me
                         torch.cuda.synchronize(device)
                     per_length[str(n)] = {"ppl": _ppl(nll, tokens), "nll": nll, "tokens": tokens,
                                           "windows": len(windows), "seconds": time.perf_counter() - start_time}
+                    attention = take_stats(model)
+                    if attention is not None:
+                        per_length[str(n)]["attention"] = attention
     finally:
         bar.close()
 

@@ -70,15 +70,21 @@ def topk_for_layout(density: float, n_q: int, n_k: int, q_block_offset: int) -> 
 
 
 def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshold: float | None = None,
-                  keep_sink: bool = True, keep_diagonal: bool = True, q_block_offset: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  keep_sink: bool = True, keep_diagonal: bool = True, q_block_offset: int | None = None,
+                  allocation: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
     """Gate probabilities [B, H, NQB, NKB] -> (block_indices int32 [B, H, NQB, MAXB] sorted ascending,
     block_counts int32 [B, H, NQB]).
 
     Exactly one of ``density`` (the k best blocks per row, k from ``topk_for_layout``, the forced
     blocks counted among them) and ``threshold`` (every block with probability >= threshold). Only
     causally visible blocks are ever selected; the first (sink) block and the diagonal block are
-    always kept unless turned off, so no row is empty."""
+    always kept unless turned off, so no row is empty.
+
+    ``allocation`` (density only): "uniform" gives every head the same k per row (the reference);
+    "heads" lets the heads of a query-block row share their k * H blocks by gate probability, so a
+    diffuse head takes more blocks and a focused one fewer, at the same density per layer."""
+    if allocation not in ("uniform", "heads"):
+        raise ValueError(f"allocation must be 'uniform' or 'heads', got {allocation!r}")
     if (density is None) == (threshold is None):
         raise ValueError("give exactly one of density and threshold")
     b, h, nq, nk = probs.shape
@@ -99,6 +105,8 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
         # top-k straight to index lists: only the k winners are sorted, never the whole [NQB, NKB]
         # map, and the width is known without reading anything back from the device
         k = min(nk, max(topk_for_layout(float(density), nq, nk, q_block_offset), int(keep_sink) + int(keep_diagonal)))
+        if allocation == "heads" and h > 1:
+            return _shared_topk(ranked, k)
         top = ranked.topk(k, dim=-1)
         valid = top.values > float("-inf")
         indices = torch.where(valid, top.indices, nk).sort(dim=-1).values
@@ -110,6 +118,23 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
         # ascending indices of the chosen blocks first: unchosen blocks sort after every chosen one
         arange = torch.arange(nk, device=probs.device)
         indices = torch.where(chosen, arange, nk + arange).sort(dim=-1).values[..., :width]
+    indices = torch.where(indices >= nk, torch.zeros_like(indices), indices).to(torch.int32)
+    return indices.contiguous(), counts.contiguous()
+
+
+def _shared_topk(ranked: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, query-block row), the k * H best (head, key block) pairs over all heads."""
+    b, h, nq, nk = ranked.shape
+    flat = ranked.permute(0, 2, 1, 3).reshape(b, nq, h * nk)
+    top = flat.topk(min(h * nk, k * h), dim=-1)
+    slot = torch.where(top.values > float("-inf"), top.indices, h * nk)
+    chosen = torch.zeros(b, nq, h * nk + 1, dtype=torch.bool, device=ranked.device)
+    chosen.scatter_(-1, slot, True)
+    chosen = chosen[..., :-1].view(b, nq, h, nk).permute(0, 2, 1, 3)
+    counts = chosen.sum(dim=-1).to(torch.int32)
+    width = min(nk, k * h)
+    arange = torch.arange(nk, device=ranked.device)
+    indices = torch.where(chosen, arange, nk + arange).sort(dim=-1).values[..., :width]
     indices = torch.where(indices >= nk, torch.zeros_like(indices), indices).to(torch.int32)
     return indices.contiguous(), counts.contiguous()
 

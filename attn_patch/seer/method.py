@@ -20,6 +20,8 @@ SmolLM2 when ``gates`` is left out, or fresh (``gates="untrained"``) for distill
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,10 @@ class SeerConfig(MethodConfig):
     threshold: float | None = option(
         None, "keep every key block whose gate probability is >= threshold instead of a fixed density"
     )
+    allocation: str = option(
+        "uniform", "with density: 'uniform' keeps the same number of blocks per row for every head (the "
+        "reference); 'heads' lets a row's heads share their blocks by gate probability (diffuse heads get "
+        "more), same density per layer", choices=("uniform", "heads"))
     keep_sink: bool = option(True, "always keep the first key block (attention sink)")
     keep_diagonal: bool = option(True, "always keep the query block's own (diagonal) key block")
     min_length: int = option(1024, "calls with fewer keys than this run dense attention")
@@ -90,7 +96,7 @@ class SeerConfig(MethodConfig):
     def selection_args(self) -> dict:
         if self.threshold is not None:
             return {"threshold": self.threshold}
-        return {"density": DEFAULT_DENSITY if self.density is None else self.density}
+        return {"density": DEFAULT_DENSITY if self.density is None else self.density, "allocation": self.allocation}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,7 +112,7 @@ def model_info(model) -> dict:
             "num_heads": heads,
             "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
             "head_dim": head_dim(config),
-            "name": str(getattr(config, "_name_or_path", "") or "")}
+            "name": os.path.basename(str(getattr(config, "_name_or_path", "") or "").rstrip("/"))}
 
 
 def _rotary(model):
@@ -304,7 +310,7 @@ def attention(config: SeerConfig, module, query, key, value, attention_mask, sca
                                  q_block_offset=q_offset // bs, **config.selection_args())
     nq, nk = probs.shape[-2], probs.shape[-1]
     off = q_offset // bs
-    visible = query.shape[0] * sum(min(nk, i + off + 1) for i in range(nq))
+    visible = query.shape[0] * _visible_blocks(nq, nk, off)
     rt.record(gate.layer_index, cnt, visible)
     q_in = torch.nn.functional.pad(query, (0, 0, lead, 0)) if lead else query
     args = dict(block_size=bs, causal=True, scale=scale, q_offset=q_offset - lead, key_padding=mask.key_padding)
@@ -317,6 +323,11 @@ def attention(config: SeerConfig, module, query, key, value, attention_mask, sca
     if lead:
         out = out[:, :, lead:]
     return out.transpose(1, 2), None
+
+
+@functools.lru_cache(maxsize=256)
+def _visible_blocks(n_q: int, n_k: int, q_block_offset: int) -> int:
+    return sum(min(n_k, i + q_block_offset + 1) for i in range(n_q))
 
 
 def _check_mask(mask, tk: int) -> None:
