@@ -63,3 +63,37 @@ def test_fused_pooling_matches_reference(seed, dtype, rot, lead, padded):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got_k, want_k, atol=tol, rtol=tol)
     torch.testing.assert_close(got_q, want_q, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("nq,nk,k,sink,diag", [(8, 8, 3, True, True), (5, 13, 4, True, True), (7, 7, 1, False, True),
+                                               (6, 40, 9, True, False), (4, 4, 4, True, True)])
+def test_fused_topk_selection_matches_reference(seed, nq, nk, k, sink, diag):
+    """The one-kernel selection keeps the same blocks as select_blocks' top-k path (random scores:
+    no ties), sorted ascending, and fills slots past the count with 0."""
+    from attn_patch.kernels.seer_select import topk_block_lists
+    from attn_patch.seer.blocks import select_blocks
+
+    scores = torch.randn(2, 3, nq, nk, device=DEVICE)
+    idx, cnt = topk_block_lists(scores, k, keep_sink=sink, keep_diagonal=diag)
+    # the reference: probabilities in the same order; k from the same number
+    probs = torch.softmax(scores.masked_fill(~torch.ones(nq, nk, dtype=torch.bool, device=DEVICE).tril(nk - nq),
+                                             float("-inf")), -1)
+    ridx, rcnt = _select_k(select_blocks, probs, k, sink, diag)
+    assert torch.equal(cnt, rcnt), (cnt, rcnt)
+    for b in range(2):
+        for h in range(3):
+            for i in range(nq):
+                n = int(cnt[b, h, i])
+                assert idx[b, h, i, :n].tolist() == ridx[b, h, i, :n].tolist()
+                assert (idx[b, h, i, n:] == 0).all()
+
+
+def _select_k(select_blocks, probs, k, sink, diag):
+    import attn_patch.seer.blocks as blocks
+
+    saved = blocks.topk_for_layout
+    blocks.topk_for_layout = lambda *a: k
+    try:
+        return select_blocks(probs, density=0.5, keep_sink=sink, keep_diagonal=diag)
+    finally:
+        blocks.topk_for_layout = saved

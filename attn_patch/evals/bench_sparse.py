@@ -79,7 +79,8 @@ def _gate_fn(q, k, block_size, density):
     """What seer runs per layer before the sparse kernel: fused pooling (undoing RoPE), the gate's
     projections and block softmax, top-k selection to index lists."""
     from ..kernels.seer_pool import pool_blocks_fused
-    from ..seer import SeerGate, select_blocks
+    from ..seer import SeerGate
+    from ..seer.method import choose_blocks
 
     hq, hkv, n, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     gate = SeerGate(hq, hkv, d, block_size=block_size, rope_theta=500000.0).to("cuda")
@@ -88,7 +89,7 @@ def _gate_fn(q, k, block_size, density):
     def fn():
         qb = pool_blocks_fused(q, block_size, minmax=False, cos=cos, sin=sin)
         kb = pool_blocks_fused(k, block_size, minmax=True, cos=cos, sin=sin)
-        return select_blocks(gate.probs(gate.score(qb, kb, 0)), density=density)
+        return choose_blocks(gate, qb, kb, 0, kernel=True, density=density)
     return fn
 
 

@@ -159,9 +159,9 @@ class SeerGate(nn.Module):
         qb, kb = pool_gate_inputs(q, k, self.block_size, q_offset, cos, sin, key_padding)
         return self.score(qb, kb, q_offset // self.block_size)
 
-    def score(self, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int) -> torch.Tensor:
-        """Logits from pooled inputs (``pool_gate_inputs`` or the fused pooling kernel): query block i
-        sits at key block ``q_block_offset + i``. [B, Hq, NQB, NKB] fp32, -inf where not visible."""
+    def raw_scores(self, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int) -> torch.Tensor:
+        """Unscaled, unmasked block scores [B, Hq, NQB, NKB] from pooled inputs (their order per row
+        is what top-k selection needs)."""
         b, hq, nqb, _ = qb.shape
         hkv, nkb = kb.shape[1], kb.shape[2]
         if hq != self.num_heads or hkv != self.num_kv_heads:
@@ -178,11 +178,14 @@ class SeerGate(nn.Module):
             kg = block_rope(kg, torch.arange(nkb, device=qb.device) * bs, self.rope_theta)
         if self.k_proj_per == "group":
             qg = qg.view(b, hkv, hq // hkv, nqb, self.gate_dim)
-            scores = torch.einsum("bkgnc,bkmc->bkgnm", qg, kg).reshape(b, hq, nqb, nkb)
-        else:
-            scores = torch.einsum("bhnc,bhmc->bhnm", qg, kg)
-        scores = scores.float() / math.sqrt(self.gate_dim)
-        mask = block_causal_mask(nqb, nkb, q_block_offset, device=qb.device)
+            return torch.einsum("bkgnc,bkmc->bkgnm", qg, kg).reshape(b, hq, nqb, nkb)
+        return torch.einsum("bhnc,bhmc->bhnm", qg, kg)
+
+    def score(self, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int) -> torch.Tensor:
+        """Logits from pooled inputs (``pool_gate_inputs`` or the fused pooling kernel): query block i
+        sits at key block ``q_block_offset + i``. [B, Hq, NQB, NKB] fp32, -inf where not visible."""
+        scores = self.raw_scores(qb, kb, q_block_offset).float() / math.sqrt(self.gate_dim)
+        mask = block_causal_mask(scores.shape[-2], scores.shape[-1], q_block_offset, device=qb.device)
         return scores.masked_fill(~mask, float("-inf"))
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:

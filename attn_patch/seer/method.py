@@ -34,7 +34,7 @@ from ..kernels import MAX_HEAD_DIM, attention_reference
 from ..masks import as_attention_mask
 from ..registry import Method, register_method
 from . import weights as W
-from .blocks import ground_truth_reference, select_blocks
+from .blocks import ground_truth_reference, select_blocks, topk_for_layout
 from .gate import SeerGate, pool_gate_inputs
 
 DEFAULT_DENSITY = 0.2
@@ -65,7 +65,7 @@ class SeerConfig(MethodConfig):
         "more), same density per layer", choices=("uniform", "heads"))
     keep_sink: bool = option(True, "always keep the first key block (attention sink)")
     keep_diagonal: bool = option(True, "always keep the query block's own (diagonal) key block")
-    min_length: int = option(1024, "calls with fewer keys than this run dense attention")
+    min_length: int = option(2048, "calls with fewer keys than this run dense attention (at 1k tokens a low density leaves little beyond the sink and diagonal blocks)")
     selection: str | None = option(
         None, "'head': a selection per query head; 'group': one per KV head (its query heads' gate "
         "probabilities averaged); None: as the gates were trained", choices=(None, "head", "group"))
@@ -304,12 +304,10 @@ def attention(config: SeerConfig, module, query, key, value, attention_mask, sca
     q_offset = mask.q_offset
     lead = q_offset % bs
     qb, kb = _pooled(rt, gate, query, key, value, mask, kernel, kwargs.get("position_ids"))
-    with torch.no_grad():
-        probs = gate.probs(gate.score(qb, kb, q_offset // bs))
-        idx, cnt = select_blocks(probs, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal,
-                                 q_block_offset=q_offset // bs, **config.selection_args())
-    nq, nk = probs.shape[-2], probs.shape[-1]
     off = q_offset // bs
+    idx, cnt = choose_blocks(gate, qb, kb, off, kernel=kernel, keep_sink=config.keep_sink,
+                             keep_diagonal=config.keep_diagonal, **config.selection_args())
+    nq, nk = qb.shape[2], kb.shape[2]
     visible = query.shape[0] * _visible_blocks(nq, nk, off)
     rt.record(gate.layer_index, cnt, visible)
     q_in = torch.nn.functional.pad(query, (0, 0, lead, 0)) if lead else query
@@ -323,6 +321,29 @@ def attention(config: SeerConfig, module, query, key, value, attention_mask, sca
     if lead:
         out = out[:, :, lead:]
     return out.transpose(1, 2), None
+
+
+@torch.no_grad()
+def choose_blocks(gate: SeerGate, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int, *, kernel: bool,
+                  density: float | None = None, threshold: float | None = None, allocation: str = "uniform",
+                  keep_sink: bool = True, keep_diagonal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate scores -> block index lists. On the kernels, uniform top-k runs as one selection kernel
+    on the raw scores (softmax keeps the order, so per-head selection skips it); thresholds, the
+    'heads' allocation and the CPU path go through ``select_blocks``."""
+    if kernel and density is not None and allocation == "uniform":
+        from ..kernels.seer_select import topk_block_lists
+
+        nq, nk = qb.shape[2], kb.shape[2]
+        if gate.selection == "head":
+            scores = gate.raw_scores(qb, kb, q_block_offset)
+        else:
+            scores = gate.probs(gate.score(qb, kb, q_block_offset))
+        k = topk_for_layout(float(density), nq, nk, q_block_offset)
+        return topk_block_lists(scores, k, keep_sink=keep_sink, keep_diagonal=keep_diagonal,
+                                q_block_offset=q_block_offset)
+    probs = gate.probs(gate.score(qb, kb, q_block_offset))
+    return select_blocks(probs, density=density, threshold=threshold, allocation=allocation, keep_sink=keep_sink,
+                         keep_diagonal=keep_diagonal, q_block_offset=q_block_offset)
 
 
 @functools.lru_cache(maxsize=256)
