@@ -100,39 +100,56 @@ def e2e_tables(rows) -> str:
 
 
 def sparse_tables(rows) -> str:
-    """Block-sparse forward per (length, density): ours against dense baselines and Flex."""
+    """Block-sparse forward (with the gate's cost) and backward per (length, density): ours against
+    dense baselines and Flex."""
     latest = {}
     for r in rows:
         if r.get("bench") == "sparse":
-            latest[(r["gpu"], r["q_len"], r["extra"], r["provider"])] = r
+            # one row per case and provider, the newest (the achieved density is part of the row)
+            case = ",".join(p for p in r["extra"].split(",") if not p.startswith("achieved="))
+            latest[(r["gpu"], r.get("mode", "fwd"), r["q_len"], case, r["provider"])] = r
     out = []
-    providers = ["sparse", "dense", "sdpa-flash", "sdpa-cudnn", "flex", "gate", "ground-truth"]
     for gpu in sorted({k[0] for k in latest}):
-        cases = sorted({(int(k[1]), k[2]) for k in latest if k[0] == gpu and k[3] == "sparse"})
         r0 = next(v for k, v in latest.items() if k[0] == gpu)
-        out.append(f"**{gpu}**, torch {r0['torch']}, triton {r0['triton']}, {r0['dtype']}, batch 1, "
-                   f"{r0['heads_q']}/{r0['heads_kv']} heads, d={r0['head_dim']}, causal, forward; median ms "
-                   "(speed-up of block-sparse over each baseline)\n")
-        out.append("| N | block density (achieved) | block-sparse | dense (ours) | SDPA flash | SDPA cuDNN | "
-                   "Flex, same block mask | gate + selection | ground-truth pass |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
-        for n, extra in cases:
-            cells = {}
-            for p in providers:
-                r = latest.get((gpu, str(n), extra, p))
-                cells[p] = float(r["median_ms"]) if r else None
-            fields = dict(part.split("=") for part in extra.split(","))
-            mine = cells["sparse"]
+        for mode in ("fwd", "bwd"):
+            providers = (["sparse", "dense", "sdpa-flash", "sdpa-cudnn", "flex", "gate", "ground-truth"] if mode == "fwd"
+                         else ["sparse", "dense", "sdpa-flash", "sdpa-cudnn"])
+            cases = sorted({(int(k[2]), k[3]) for k in latest if k[0] == gpu and k[1] == mode and k[4] == "sparse"})
+            if not cases:
+                continue
+            what = "forward" if mode == "fwd" else "backward pass alone"
+            out.append(f"**{gpu}**, torch {r0['torch']}, triton {r0['triton']}, {r0['dtype']}, batch 1, "
+                       f"{r0['heads_q']}/{r0['heads_kv']} heads, d={r0['head_dim']}, causal, {what}; median ms "
+                       "(speed-up of block-sparse over each baseline)\n")
+            names = {"sparse": "block-sparse", "dense": "dense (ours)", "sdpa-flash": "SDPA flash",
+                     "sdpa-cudnn": "SDPA cuDNN", "flex": "Flex, same block mask", "gate": "gate + selection",
+                     "ground-truth": "ground-truth pass"}
+            head = ["N", "block density (achieved)"] + [names[p] for p in providers]
+            if mode == "fwd":
+                head.append("block-sparse + gate vs SDPA flash / cuDNN")
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|---" * len(head) + "|")
+            for n, extra in cases:
+                cells = {}
+                for p in providers:
+                    r = latest.get((gpu, mode, str(n), extra, p))
+                    cells[p] = float(r["median_ms"]) if r else None
+                fields = dict(part.split("=") for part in latest[(gpu, mode, str(n), extra, "sparse")]["extra"].split(","))
+                mine = cells["sparse"]
 
-            def fmt(p):
-                t = cells[p]
-                if t is None:
-                    return "-"
-                return f"{t:.2f}" if p in ("sparse", "gate", "ground-truth") else f"{t:.2f} ({t / mine:.2f}x)"
+                def fmt(p, cells=cells, mine=mine):
+                    t = cells[p]
+                    if t is None:
+                        return "-"
+                    return f"{t:.2f}" if p in ("sparse", "gate", "ground-truth") else f"{t:.2f} ({t / mine:.2f}x)"
 
-            out.append(f"| {n} | {fields['density']} ({fields['achieved']}) | " +
-                       " | ".join(fmt(p) for p in providers) + " |")
-        out.append("")
+                row = [str(n), f"{fields['density']} ({fields['achieved']})"] + [fmt(p) for p in providers]
+                if mode == "fwd":
+                    g = cells.get("gate")
+                    fa, cu = cells.get("sdpa-flash"), cells.get("sdpa-cudnn")
+                    row.append(f"{fa / (mine + g):.2f}x / {cu / (mine + g):.2f}x" if g and fa and cu else "-")
+                out.append("| " + " | ".join(row) + " |")
+            out.append("")
     return "\n".join(out)
 
 
