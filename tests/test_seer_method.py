@@ -107,7 +107,8 @@ def test_generate_decodes_dense(family, seed):
         got = model.generate(ids, **kwargs)
         st = attn_patch.stats(model)
     assert torch.equal(got, want)
-    assert st["layers"][0]["sparse_calls"] == 1 and st["layers"][0]["dense_calls"] == 4
+    steps = got.shape[1] - ids.shape[1]  # generation may stop early at an EOS token
+    assert st["layers"][0]["sparse_calls"] == 1 and st["layers"][0]["dense_calls"] == steps - 1
 
 
 def test_short_inputs_run_dense(seed):
