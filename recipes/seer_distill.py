@@ -27,6 +27,7 @@ Output (``--out``): ``gates.safetensors`` + ``config.json`` (load with
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import json
 import math
 import os
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     gates = gates_of(model)
     if args.init_gates:
         meta, tensors = W.read_gates(args.init_gates)
-        W.check_model_info(meta, {k: v for k, v in model_info(model).items() if k != "name"}, args.init_gates)
+        W.check_model_info(meta, model_info(model), args.init_gates)
         W.load_state(gates, tensors, args.init_gates)
     params = [p for g in gates for p in g.parameters()]
     for p in params:
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
                                windows.shape[0], args.seed)
             ids = windows[idx].to(device)
             sync = a == args.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
+            ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else nullcontext()
             with ctx:
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
                 losses = torch.stack(distill_losses(base))
@@ -256,14 +257,6 @@ def main(argv=None) -> int:
         log.close()
     accelerator.end_training()
     return 0
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -149,17 +149,11 @@ def _resolve_gates(model, config: SeerConfig) -> tuple[str | None, dict | None, 
             "gates='untrained' to start a distillation"
         )
     meta, tensors = W.read_gates(path)
-    W.check_model_info(meta, _info_for_check(model), path)
+    W.check_model_info(meta, model_info(model), path)
     if config.block_size is not None and config.block_size != meta["gate"]["block_size"]:
         raise ConfigError(f"block_size={config.block_size} but the gates at {path} were trained with block size "
                           f"{meta['gate']['block_size']}; drop block_size or train gates for it")
     return path, meta, tensors
-
-
-def _info_for_check(model) -> dict:
-    info = model_info(model)
-    info.pop("name")
-    return info
 
 
 def check_model(model, config: SeerConfig) -> None:
@@ -168,7 +162,6 @@ def check_model(model, config: SeerConfig) -> None:
     if not 16 <= d <= MAX_HEAD_DIM:
         raise UnsupportedModelError(f"head_dim {d} is not supported by the block-sparse kernel "
                                     f"(16 <= head_dim <= {MAX_HEAD_DIM})")
-    _resolve_gates(model, config)
 
 
 class SeerRuntime:
@@ -440,7 +433,7 @@ def stats(model, reset: bool = False) -> dict:
                        "dense_calls": rt.dense_calls.get(i, 0)})
     out = {"method": "seer", "block_size": rt.block_size, "selection": gates[0].selection,
            "density": round(total_sel / total_vis, 4) if total_vis else None, "layers": layers,
-           "config": {k: v for k, v in rt.config.selection_args().items()}}
+           "config": rt.config.selection_args()}
     if reset:
         rt.reset_stats()
     return out
