@@ -813,6 +813,7 @@ DECODE_MERGE_CHUNK = 32  # splits merged per load by the last program
 # "kernel": a second, wider merge launch (least GPU time, for CUDA graphs); "auto": fused unless
 # the stream is being captured into a CUDA graph
 DECODE_MERGE = "auto"
+DECODE_FUSED_MERGE_ROWS = 8  # "auto" merges in a second launch above this many rows per KV head
 
 
 _COUNTERS: dict = {}
@@ -850,7 +851,9 @@ def _decode(q, k, v, scale, causal, q_offset, window, masks, num_splits=None, me
     merge = merge or DECODE_MERGE
     if merge == "auto":
         capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        merge = "kernel" if capturing else "fused"
+        # the fused merge is one program reading every split of every row of its KV head: right for a
+        # token or two per head, serial for a chunk of rows (48 rows x 88 splits took ~100 us on the H200)
+        merge = "kernel" if capturing or group * tq > DECODE_FUSED_MERGE_ROWS else "fused"
     elif merge not in ("fused", "kernel"):
         raise ValueError(f"decode merge must be 'auto', 'fused' or 'kernel', got {merge!r}")
     mode = 0 if num_splits == 1 else (1 if merge == "fused" else 2)

@@ -22,10 +22,10 @@ MARKERS = {"kernels": ("<!-- results:kernels:start -->", "<!-- results:kernels:e
            "sparse": ("<!-- results:sparse:start -->", "<!-- results:sparse:end -->")}
 
 
-def _latest(rows):
+def _latest(rows, extra=lambda e: e):
     latest = {}
     for r in rows:  # file order is chronological; later rows win
-        key = (r["gpu"], r["provider"], r["mode"], r["extra"], r["batch"], r["q_len"], r["kv_len"], r["dtype"])
+        key = (r["gpu"], r["provider"], r["mode"], extra(r["extra"]), r["batch"], r["q_len"], r["kv_len"], r["dtype"])
         latest[key] = r
     return latest
 
@@ -71,7 +71,8 @@ def _extra(row, name):
 
 def e2e_tables(rows) -> str:
     """Whole-model prefill (ms, peak GiB) and eager decode (tokens/s) per length and method."""
-    latest = _latest([r for r in rows if r.get("bench") == "e2e"])
+    # keyed by the model only: the rest of "extra" is measured (peak memory, tokens/s)
+    latest = _latest([r for r in rows if r.get("bench") == "e2e"], extra=lambda e: e.split(",")[0])
     out = []
     for gpu in sorted({k[0] for k in latest}):
         mine = {k: v for k, v in latest.items() if k[0] == gpu}

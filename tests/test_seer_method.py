@@ -52,13 +52,13 @@ def test_sparse_prefill_kernel_matches_reference_and_reports_density(backend, se
     ids = torch.randint(1, 96, (2, 70), device=DEVICE)
     with torch.no_grad():
         dense = model(ids).logits
-        attn_patch.apply(model, "seer", density=0.3, backend="reference", **SMALL)
+        attn_patch.apply(model, "seer", density=0.3, backend="reference", dense_last=0, **SMALL)
         _randomise_gates(model, seed)
         ref = model(ids).logits
         ref_stats = attn_patch.stats(model)
         path = save_gates(model, f"/tmp/attn_patch_test_gates_{seed}")
         attn_patch.remove(model)
-        attn_patch.apply(model, "seer", density=0.3, backend=backend, gates=str(path), min_length=0)
+        attn_patch.apply(model, "seer", density=0.3, backend=backend, gates=str(path), min_length=0, dense_last=0)
         got = model(ids).logits
         st = attn_patch.stats(model, reset=True)
         attn_patch.remove(model)
@@ -68,6 +68,34 @@ def test_sparse_prefill_kernel_matches_reference_and_reports_density(backend, se
     assert len(st["layers"]) == 2 and len(st["layers"][0]["heads"]) == 6
     # 5 query blocks; k = 2 of the 15 visible: sink + diagonal, so 9 / 15 = 0.6 with forced blocks
     assert 0.3 <= st["density"] <= 0.61
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("length", [112, 125])
+def test_dense_last_blocks_attend_to_everything(backend, length, seed):
+    """One layer, so attention rows map to logits: the last dense_last query rows give the dense
+    model's logits, the sparse rows before them (a block split between the two kinds) do not, and
+    stats count the dense rows."""
+    model = _model("llama", seed, num_hidden_layers=1)
+    ids = torch.randint(1, 96, (1, length), device=DEVICE)
+    tail = 20
+    with torch.no_grad():
+        dense = model(ids).logits
+        with attn_patch.patched(model, "seer", density=0.1, dense_last=tail, backend=backend, **SMALL):
+            _randomise_gates(model, seed)
+            got = model(ids).logits
+            st = attn_patch.stats(model)
+            attn_patch.patch_state(model).config.dense_last = 0
+            sparse = model(ids).logits
+            st0 = attn_patch.stats(model, reset=True)
+            attn_patch.patch_state(model).config.dense_last = length
+            everything = model(ids).logits
+            st_all = attn_patch.stats(model, reset=True)
+    torch.testing.assert_close(got[:, -tail:], dense[:, -tail:], rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+    torch.testing.assert_close(got[:, :-tail], sparse[:, :-tail], rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+    assert (got[:, :-tail] - dense[:, :-tail]).abs().max() > 1e-3
+    assert st0["density"] < st["density"] < st_all["density"] == 1.0
+    torch.testing.assert_close(everything, dense, rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
 
 
 def test_group_selection_and_threshold(seed):
@@ -82,12 +110,13 @@ def test_group_selection_and_threshold(seed):
 
 def test_chunked_prefill_on_a_cache_equals_the_full_pass(seed):
     """Threshold selection is per row, so a prompt prefilled in chunks (one starting inside a block,
-    one at a boundary) gives the full single pass's logits."""
+    one at a boundary) gives the full single pass's logits (without the dense last block, which each
+    prefill call has)."""
     from transformers import DynamicCache
 
     model = _model("llama", seed)
     ids = torch.randint(1, 96, (1, 80), device=DEVICE)
-    with attn_patch.patched(model, "seer", threshold=0.2, **SMALL), torch.no_grad():
+    with attn_patch.patched(model, "seer", threshold=0.2, dense_last=0, **SMALL), torch.no_grad():
         _randomise_gates(model, seed)
         full = model(ids).logits
         cache = DynamicCache(config=model.config)

@@ -65,6 +65,10 @@ class SeerConfig(MethodConfig):
         "more), same density per layer", choices=("uniform", "heads"))
     keep_sink: bool = option(True, "always keep the first key block (attention sink)")
     keep_diagonal: bool = option(True, "always keep the query block's own (diagonal) key block")
+    dense_last: int = option(
+        64, "the last this many query rows of each prefill call attend to every key (dense; on the split-K "
+        "decode kernel when no gradient is needed): the prompt's end (the question) feeds every generated "
+        "token, and retrieval at 8k needed a whole 64-row block of it exact; 0 turns it off")
     min_length: int = option(2048, "calls with fewer keys than this run dense attention (at 1k tokens a low density leaves little beyond the sink and diagonal blocks)")
     selection: str | None = option(
         None, "'head': a selection per query head; 'group': one per KV head (its query heads' gate "
@@ -88,6 +92,8 @@ class SeerConfig(MethodConfig):
             raise ConfigError(f"block_size must be 16, 32, 64 or 128, got {self.block_size}")
         if self.min_length < 0:
             raise ConfigError(f"min_length must be >= 0, got {self.min_length}")
+        if self.dense_last < 0:
+            raise ConfigError(f"dense_last must be >= 0 query rows, got {self.dense_last}")
         arch = {k: getattr(self, k) for k in ("gate_dim", "q_proj", "k_proj_per") if getattr(self, k) is not None}
         if arch and self.gates != UNTRAINED:
             raise ConfigError(f"{', '.join(arch)} shape untrained gates only (trained gates bring their own); "
@@ -208,7 +214,7 @@ class SeerRuntime:
         if counts is None:
             self.dense_calls[layer] = self.dense_calls.get(layer, 0) + 1
             return
-        per_head = counts.sum(dim=(0, 2), dtype=torch.int64)
+        per_head = counts.sum(dim=(0, 2), dtype=torch.float64)
         prev = self.selected.get(layer)
         self.selected[layer] = per_head if prev is None else prev + per_head
         self.visible[layer] = self.visible.get(layer, 0) + visible
@@ -301,19 +307,67 @@ def attention(config: SeerConfig, module, query, key, value, attention_mask, sca
     idx, cnt = choose_blocks(gate, qb, kb, off, kernel=kernel, keep_sink=config.keep_sink,
                              keep_diagonal=config.keep_diagonal, **config.selection_args())
     nq, nk = qb.shape[2], kb.shape[2]
-    visible = query.shape[0] * _visible_blocks(nq, nk, off)
-    rt.record(gate.layer_index, cnt, visible)
+    tail = min(config.dense_last, tq)  # query rows that run dense
+    split = tq + lead - tail  # rows of the front-padded queries that run sparse
+    nqs = -(-split // bs)  # query-block rows with sparse rows
+    rt.record(gate.layer_index, _with_dense_rows(cnt, lead, split, tq + lead, bs, off, nk), query.shape[0] * _visible_blocks(nq, nk, off))
+    args = dict(causal=True, scale=scale, key_padding=mask.key_padding)
     q_in = torch.nn.functional.pad(query, (0, 0, lead, 0)) if lead else query
-    args = dict(block_size=bs, causal=True, scale=scale, q_offset=q_offset - lead, key_padding=mask.key_padding)
-    if kernel:
+    sp = dict(args, block_size=bs, q_offset=q_offset - lead)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if kernel and tail and not grad:
+        # inference: the sparse kernel runs every row and the dense rows are overwritten from the
+        # split-K decode kernel in chunks of <= 64 rows per KV head (wide over the keys, unlike
+        # a prefill launch of a few query rows); no concatenation or extra copy of the output
         from ..kernels.block_sparse import block_sparse_attention
+        from ..kernels.flash import DECODE_MAX_ROWS, flash_attention
 
-        out, _ = block_sparse_attention(q_in, key, value, idx, cnt, **args)
-    else:
-        out, _ = attention_reference(q_in, key, value, block_indices=idx, block_counts=cnt, **args)
-    if lead:
-        out = out[:, :, lead:]
+        o = block_sparse_attention(q_in, key, value, idx, cnt, **sp)[0]
+        step = max(1, DECODE_MAX_ROWS // (query.shape[1] // key.shape[1]))
+        for r0 in range(tq - tail, tq, step):
+            r1 = min(tq, r0 + step)
+            o[:, :, lead + r0:lead + r1] = flash_attention(query[:, :, r0:r1], key, value, decode=True,
+                                                           **dict(args, q_offset=q_offset + r0))[0]
+        return (o[:, :, lead:] if lead else o).transpose(1, 2), None
+    parts = []
+    if split > lead:
+        qs, idx, cnt = q_in[:, :, :split], idx[:, :, :nqs], cnt[:, :, :nqs]
+        if kernel:
+            from ..kernels.block_sparse import block_sparse_attention
+
+            o = block_sparse_attention(qs, key, value, idx, cnt, **sp)[0]
+        else:
+            o = attention_reference(qs, key, value, block_indices=idx, block_counts=cnt, **sp)[0]
+        parts.append(o[:, :, lead:] if lead else o)
+    if tail:
+        dp = dict(args, q_offset=q_offset + tq - tail)
+        qd = query[:, :, tq - tail:]
+        if kernel:
+            from ..kernels.flash import flash_attention
+
+            parts.append(flash_attention(qd, key, value, decode=False, **dp)[0])
+        else:
+            parts.append(attention_reference(qd, key, value, **dp)[0])
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2), None
+
+
+def _with_dense_rows(cnt: torch.Tensor, lead: int, split: int, end: int, bs: int, off: int, nk: int) -> torch.Tensor:
+    """Selected-block counts per query-block row with the dense rows (padded rows [split, end); the
+    real rows are [lead, end)) counted as seeing every visible block, pro rata in a mixed block."""
+    if split >= end:
+        return cnt
+    first = split // bs
+    nq = cnt.shape[-1]
+    starts = torch.arange(first, nq, device=cnt.device, dtype=torch.float64) * bs
+    stops = (starts + bs).clamp(max=end)
+    real = stops - starts.clamp(min=lead)
+    dense = stops - starts.clamp(min=split)
+    vis = torch.arange(first, nq, device=cnt.device, dtype=torch.float64).add_(off + 1).clamp_(max=nk)
+    frac = dense / real
+    rec = cnt.double()
+    rec[..., first:] = frac * vis + (1 - frac) * rec[..., first:]
+    return rec
 
 
 @torch.no_grad()
