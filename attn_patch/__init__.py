@@ -7,17 +7,20 @@
         ...
     attn_patch.methods()                    # methods and their options
     attn_patch.apply(model, "seer", density=0.2); attn_patch.stats(model)   # block-sparse prefill
+    attn_patch.apply(model, "longlora", group=0.25)   # S2-Attn while training, dense in eval
 """
 from ._source_tree import mount_kernels as _mount_kernels
 
 _mount_kernels()
 
 from . import flash as _flash  # noqa: E402,F401  (registers the "flash" method)
+from . import longlora as _longlora  # noqa: E402,F401  (registers the "longlora" method)
 from . import seer as _seer  # noqa: E402,F401  (registers the "seer" method)
 from .config import MethodConfig  # noqa: E402
 from .errors import AttnPatchError, ConfigError, PatchStateError, UnsupportedModelError  # noqa: E402
 from .families import FAMILIES  # noqa: E402
 from .flash import FlashConfig  # noqa: E402
+from .longlora import LongLoRAConfig  # noqa: E402
 from .patching import apply, patch_state, patched, remove  # noqa: E402
 from .registry import methods  # noqa: E402
 from .seer import SeerConfig  # noqa: E402
@@ -27,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "apply", "remove", "patched", "methods", "patch_state", "MethodConfig", "FlashConfig", "FAMILIES",
     "AttnPatchError", "ConfigError", "PatchStateError", "UnsupportedModelError", "load_default_model",
-    "SeerConfig", "stats",
+    "SeerConfig", "LongLoRAConfig", "stats",
 ]
 
 

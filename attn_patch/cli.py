@@ -148,6 +148,7 @@ BENCHES = {
     "kernels": ("bench_kernels", "attention kernels vs SDPA (flash, cuDNN) and FlexAttention"),
     "e2e": ("bench_e2e", "whole-model prefill latency, peak memory and decode speed per method"),
     "sparse": ("bench_sparse", "block-sparse attention at given densities vs dense baselines and FlexAttention"),
+    "s2": ("bench_s2", "LongLoRA's shifted-sparse attention (S2-Attn) vs dense baselines and FlexAttention"),
 }
 
 

@@ -3,9 +3,11 @@
 transformers builds one mask per forward through the mask function registered under the same name
 as the attention function. Ours returns a compact ``AttentionMask`` (causal alignment, sliding
 window, [B, Tk] key padding) instead of a [B, 1, Tq, Tk] tensor, so the kernels never read an
-O(N^2) mask for the patterns models actually use. Patterns it does not recognise (packed
-sequences, model-specific overlays) are materialised with transformers' own ``sdpa_mask`` and
-handed to the kernel as a dense mask: slower, never wrong.
+O(N^2) mask for the patterns models actually use. Packed sequences (transformers' causal mask
+and-ed with its packed-sequence overlay) are kept as [B, T] document ids, which the S2 kernel reads
+directly and other kernels get as a dense mask built from them. Patterns it does not recognise
+(model-specific overlays) are materialised with transformers' own ``sdpa_mask`` and handed to the
+kernel as a dense mask: slower, never wrong.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class AttentionMask:
     window: int | None = None
     key_padding: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+    documents: torch.Tensor | None = None  # [B, T] document ids of packed sequences (self-attention)
 
     # generate() with a compileable cache (StaticCache) builds the mask ahead of the forward, calls
     # .contiguous() on it and hands it back to the model, whose mask creation asks for .ndim; the
@@ -43,12 +46,40 @@ class AttentionMask:
         return self
 
     def kernel_args(self) -> dict:
+        dense = self.dense
+        if self.documents is not None and dense is None:  # same document, on top of causal
+            docs = self.documents
+            dense = (docs[:, None, :, None] == docs[:, None, None, :])[..., -docs.shape[1]:, :]
         return dict(causal=self.causal, q_offset=self.q_offset, window=self.window,
-                    key_padding=self.key_padding, dense_mask=self.dense)
+                    key_padding=self.key_padding, dense_mask=dense)
 
 
 def _closure_values(fn) -> list:
     return [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+
+
+def packed_documents(mask_function) -> torch.Tensor | None:
+    """The [B, T] document ids when ``mask_function`` is transformers' causal mask restricted to
+    packed sequences (what ``create_causal_mask`` builds when position ids restart): and_masks of
+    the packed-sequence overlay and either the causal function or, in newer releases, the causal
+    function with positions remapped per sequence (the same pattern: positions step by one inside
+    a sequence). Else None."""
+    if not getattr(mask_function, "__qualname__", "").startswith("and_masks."):
+        return None
+    parts = next((v for v in _closure_values(mask_function) if isinstance(v, tuple)), ())
+    if len(parts) != 2:
+        return None
+    overlay = next((p for p in parts if getattr(p, "__qualname__", "").startswith("packed_sequence_mask_function.")),
+                   None)
+    if overlay is None:
+        return None
+    other = parts[1] if parts[0] is overlay else parts[0]
+    if other is not mu.causal_mask_function:
+        if not getattr(other, "__qualname__", "").startswith("remap_positions_for_packed_sequence."):
+            return None
+        if mu.causal_mask_function not in _closure_values(other):
+            return None
+    return next((v for v in _closure_values(overlay) if isinstance(v, torch.Tensor)), None)
 
 
 def recognise(mask_function) -> tuple[bool, int | None] | None:
@@ -88,6 +119,10 @@ def mask_function(
     q_offset = int(q_offset)  # a StaticCache hands a 0-d tensor
     kv_offset = int(kv_offset)
     pattern = recognise(mask_function)
+    documents = packed_documents(mask_function) if pattern is None else None
+    if documents is not None and q_length == kv_length and kv_offset == 0 and int(q_offset) == 0:
+        key_padding = _key_padding(attention_mask, kv_length, kv_offset)
+        return AttentionMask(causal=True, q_offset=0, key_padding=key_padding, documents=documents)
     if pattern is None:
         key = getattr(mask_function, "__qualname__", repr(mask_function))
         if key not in _warned_dense:
@@ -103,13 +138,16 @@ def mask_function(
     local_size = kwargs.get("local_size")
     if local_size is not None and window is not None and local_size != window:
         raise UnsupportedModelError(f"sliding window mismatch: mask says {window}, config says {local_size}")
-    key_padding = None
-    if attention_mask is not None:
-        padding = mu.prepare_padding_mask(attention_mask.bool(), kv_length, kv_offset)
-        padding = padding[:, kv_offset:kv_offset + kv_length]
-        if not bool(padding.all()):
-            key_padding = padding
+    key_padding = _key_padding(attention_mask, kv_length, kv_offset)
     return AttentionMask(causal=causal, q_offset=q_offset - kv_offset, window=window, key_padding=key_padding)
+
+
+def _key_padding(attention_mask, kv_length: int, kv_offset: int) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    padding = mu.prepare_padding_mask(attention_mask.bool(), kv_length, kv_offset)
+    padding = padding[:, kv_offset:kv_offset + kv_length]
+    return None if bool(padding.all()) else padding
 
 
 def as_attention_mask(attention_mask, module, query: torch.Tensor, key: torch.Tensor, is_causal=None) -> AttentionMask:

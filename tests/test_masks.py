@@ -7,7 +7,7 @@ from transformers import StaticCache
 from transformers import masking_utils as mu
 
 import attn_patch
-from attn_patch.masks import AttentionMask, mask_function, recognise
+from attn_patch.masks import AttentionMask, mask_function, packed_documents, recognise
 
 
 def test_recognises_model_patterns():
@@ -16,6 +16,23 @@ def test_recognises_model_patterns():
     assert recognise(mu.sliding_window_causal_mask_function(37)) == (True, 37)
     packed = mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(torch.zeros(1, 4)))
     assert recognise(packed) is None
+
+
+def test_packed_sequences_are_kept_as_document_ids():
+    """Both forms transformers has used for packed sequences give the document ids; the causal
+    mask and-ed with anything else does not."""
+    docs = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    old = mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(docs))
+    assert packed_documents(old) is docs
+    if hasattr(mu, "packed_sequence_compatibility_function"):
+        pos = torch.tensor([[0, 1, 0, 1, 2, 0]])
+        new = mu.packed_sequence_compatibility_function(mu.causal_mask_function, pos, docs)
+        assert packed_documents(new) is docs
+    assert packed_documents(mu.and_masks(mu.causal_mask_function, mu.sliding_window_overlay(3))) is None
+    m = mask_function(1, 6, 6, mask_function=old)
+    assert m.dense is None and torch.equal(m.documents, docs)
+    dense = m.kernel_args()["dense_mask"]
+    assert dense.shape == (1, 1, 6, 6) and bool(dense[0, 0, 3, 2]) and not bool(dense[0, 0, 3, 1])
 
 
 def test_compact_mask_carries_offsets_and_padding():

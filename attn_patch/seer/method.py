@@ -399,7 +399,7 @@ def _visible_blocks(n_q: int, n_k: int, q_block_offset: int) -> int:
 
 
 def _check_mask(mask, tk: int) -> None:
-    if mask.dense is not None or not mask.causal:
+    if mask.dense is not None or mask.documents is not None or not mask.causal:
         raise UnsupportedModelError(
             "seer runs causal attention with optional key padding; this call has a custom (packed or "
             "bidirectional) mask. Pass a 2-D padding mask, or use method 'flash' for this model")
@@ -426,7 +426,7 @@ def _pooled(rt, gate, query, key, value, mask, kernel: bool, position_ids):
 
 def _distill(gate, rt, mask, query, key, value, scale, kernel: bool, position_ids):
     tq, tk = query.shape[2], key.shape[2]
-    if tq != tk or mask.key_padding is not None or mask.dense is not None or not mask.causal:
+    if tq != tk or mask.key_padding is not None or mask.dense is not None or mask.documents is not None or not mask.causal:
         raise ConfigError("gate distillation runs on whole unpadded sequences: call the model with "
                           "use_cache=False and no padding (pack the text to the training length)")
     _check_mask(mask, tk)
