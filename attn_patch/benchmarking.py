@@ -55,6 +55,19 @@ def time_cuda(fn, warmup_ms: float = 25, rep_ms: float = 200, grad_to_none=None)
     return p50, p20, p80
 
 
+def pinned_sdpa(q, k, v, provider: str, is_causal: bool = True):
+    """A call of SDPA with its backend pinned: provider "sdpa-flash" or "sdpa-cudnn" (GQA enabled)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[provider]
+
+    def run():
+        with sdpa_kernel([backend]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+
+    return run
+
+
 def cuda_graphed(fn, warmup: int = 3):
     """Capture ``fn`` in a CUDA graph and return its replay: GPU time without Python launch cost."""
     stream = torch.cuda.Stream()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from . import backend as _backend
 from .config import MethodConfig, option
 from .errors import ConfigError, UnsupportedModelError
@@ -57,8 +55,7 @@ def check_model(model, config: LongLoRAConfig) -> None:
 def attention(config: LongLoRAConfig, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
               **kwargs):
     if not (module.training or config.inference == "s2"):
-        dense = _dense_config(config)
-        return _dense(dense, module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _dense(FlashConfig(backend=config.backend), module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if dropout:
         raise ConfigError(f"attention dropout (p={dropout}) is not supported by attn_patch's kernels; set the "
                           "config's attention dropout to 0")
@@ -70,45 +67,22 @@ def attention(config: LongLoRAConfig, module, query, key, value, attention_mask,
             "config.sliding_window = None")
     b, hq, tq, _ = query.shape
     tk = key.shape[2]
-    bounds = _bounds(config, b, tk, mask, query.device)
+    group = config.group_tokens(tk)
     shift_from = hq - hq // 2 if config.shift else hq
     if _backend.choose(config.backend, query) == "reference":
         from .kernels.reference import s2_mask_reference
 
-        docs = mask.documents
-        dm = s2_mask_reference(hq, tk, config.group_tokens(tk), shift_from=shift_from, sink=config.sink,
-                               position_ids=None if docs is None else _docs_as_positions(docs),
+        dm = s2_mask_reference(hq, tk, group, shift_from=shift_from, sink=config.sink, documents=mask.documents,
                                key_padding=mask.key_padding, batch=b).to(query.device)
         out, _ = attention_reference(query, key, value, scale=scaling, causal=False, key_padding=mask.key_padding,
                                      dense_mask=dm[:, :, tk - tq:])
         return out.transpose(1, 2), None
-    from .kernels.s2 import s2_attention
+    from .kernels.s2 import s2_attention, s2_bounds
 
+    bounds = s2_bounds(b, tk, group, documents=mask.documents, key_padding=mask.key_padding, device=query.device)
     out, _ = s2_attention(query, key, value, bounds, shift_from=shift_from, sink=config.sink, scale=scaling,
                           q_offset=mask.q_offset, key_padding=mask.key_padding)
     return out.transpose(1, 2), None
-
-
-def _bounds(config: LongLoRAConfig, batch: int, length: int, mask, device) -> torch.Tensor:
-    from .kernels.s2 import s2_bounds
-
-    docs = mask.documents
-    return s2_bounds(batch, length, config.group_tokens(length),
-                     position_ids=None if docs is None else _docs_as_positions(docs),
-                     key_padding=mask.key_padding, device=device)
-
-
-def _docs_as_positions(docs: torch.Tensor) -> torch.Tensor:
-    """Position ids that restart where the document id changes (what s2_bounds reads)."""
-    t = torch.arange(docs.shape[1], device=docs.device)
-    new = torch.ones_like(docs, dtype=torch.bool)
-    new[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    start = torch.where(new, t, 0).cummax(dim=1).values
-    return t - start
-
-
-def _dense_config(config: LongLoRAConfig) -> FlashConfig:
-    return FlashConfig(backend=config.backend)
 
 
 LONGLORA = register_method(Method(

@@ -154,22 +154,25 @@ __all__ = ["attention_reference", "visibility_mask", "block_sparse_to_dense", "a
 
 
 def s2_mask_reference(num_heads: int, length: int, group: int, *, shift_from: int, sink: int = 0,
-                      position_ids=None, key_padding=None, batch: int = 1) -> torch.Tensor:
+                      position_ids=None, documents=None, key_padding=None, batch: int = 1) -> torch.Tensor:
     """The S2-Attn pattern as an explicit bool mask [B, Hq, T, T] (True = attend), written token by
     token from the definition, for tests of ``kernels.s2`` (which never builds it).
 
-    Documents restart where position ids do not step by one and where the padding mask switches;
+    Documents restart where position ids do not step by one, where the document ids change and
+    where the padding mask switches;
     inside a document, unshifted heads use groups [0, g), [g, 2g), ... and heads >= shift_from use
     [0, g/2), [g/2, 3g/2), ...; a query sees the earlier-or-same tokens of its own group and the
     first ``sink`` tokens of its document that are not after it."""
     pos = None if position_ids is None else position_ids.expand(batch, length).tolist()
     pad = None if key_padding is None else key_padding.bool().expand(batch, length).tolist()
+    ids = None if documents is None else documents.expand(batch, length).tolist()
     mask = torch.zeros(batch, num_heads, length, length, dtype=torch.bool)
     half = group // 2
     for b in range(batch):
         doc, start = [], 0
         for t in range(length):
             boundary = t > 0 and ((pos is not None and pos[b][t] != pos[b][t - 1] + 1)
+                                  or (ids is not None and ids[b][t] != ids[b][t - 1])
                                   or (pad is not None and pad[b][t] != pad[b][t - 1]))
             if boundary:
                 start = t

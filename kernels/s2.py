@@ -357,24 +357,29 @@ def _s2_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, BND,
 
 
 def s2_bounds(batch: int, length: int, group: int, *, position_ids: torch.Tensor | None = None,
-              key_padding: torch.Tensor | None = None, device=None) -> torch.Tensor:
+              documents: torch.Tensor | None = None, key_padding: torch.Tensor | None = None,
+              device=None) -> torch.Tensor:
     """``bounds`` [B, 6, length] int32 for groups of ``group`` tokens (shifted by group // 2).
 
     Documents: a new one starts where ``position_ids`` [B|1, length] does not go up by one
-    (packed sequences, as transformers detects them) and where ``key_padding`` switches between
+    (packed sequences, as transformers detects them), where the ``documents`` ids [B, length]
+    change (transformers' packed-sequence mask) and where ``key_padding`` switches between
     padding and tokens, so left or right padding is a document of its own and groups and sinks
     count from the first real token. Groups are counted from each document's start."""
     if group < 1:
         raise ValueError(f"group must be >= 1 token, got {group}")
     if device is None:
-        device = (position_ids if position_ids is not None else key_padding).device \
-            if (position_ids is not None or key_padding is not None) else "cpu"
+        given = [x for x in (position_ids, documents, key_padding) if x is not None]
+        device = given[0].device if given else "cpu"
     t = torch.arange(length, device=device)
     new = torch.zeros((batch, length), dtype=torch.bool, device=device)
     new[:, 0] = True
     if position_ids is not None:
         pos = position_ids.to(device).expand(batch, length)
         new[:, 1:] |= pos[:, 1:] != pos[:, :-1] + 1
+    if documents is not None:
+        docs = documents.to(device).expand(batch, length)
+        new[:, 1:] |= docs[:, 1:] != docs[:, :-1]
     if key_padding is not None:
         kp = key_padding.to(device).bool().expand(batch, length)
         new[:, 1:] |= kp[:, 1:] != kp[:, :-1]

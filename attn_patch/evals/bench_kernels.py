@@ -41,17 +41,10 @@ def provider_fn(name, q, k, v, causal):
 
         return lambda: flash_attention(q, k, v, causal=causal)[0]
     if name in ("sdpa-flash", "sdpa-cudnn"):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from attn_patch.benchmarking import pinned_sdpa
 
-        backend = SDPBackend.FLASH_ATTENTION if name == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
         # a causal decode row (Tq=1, last position) sees every key: run it unmasked
-        is_causal = causal and tq == tk
-
-        def run():
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
-
-        return run
+        return pinned_sdpa(q, k, v, name, is_causal=causal and tq == tk)
     if name == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 

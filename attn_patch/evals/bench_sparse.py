@@ -15,9 +15,8 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from ..benchmarking import RESULTS_DIR, append_rows, environment, print_table, time_cuda
+from ..benchmarking import RESULTS_DIR, append_rows, environment, pinned_sdpa, print_table, time_cuda
 from ..kernels import attention_flops
 from .common import script_main
 
@@ -117,13 +116,7 @@ def bench(n, density, block_size, heads, d, dtype, providers, env, seed=0, mode=
             elif provider == "dense":
                 fn = lambda: flash_attention(q, k, v, decode=False)[0]  # noqa: E731
             elif provider in ("sdpa-flash", "sdpa-cudnn"):
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                backend = SDPBackend.FLASH_ATTENTION if provider == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
-
-                def fn(backend=backend):
-                    with sdpa_kernel([backend]):
-                        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                fn = pinned_sdpa(q, k, v, provider)
             elif provider == "flex":
                 fn = _flex(q, k, v, idx, cnt, block_size)
             elif provider == "gate":
