@@ -55,11 +55,22 @@ def time_cuda(fn, warmup_ms: float = 25, rep_ms: float = 200, grad_to_none=None)
     return p50, p20, p80
 
 
+_SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                  "math": "MATH"}
+
+
+def sdpa_backend(name: str):
+    """torch's SDPBackend for "flash", "cudnn", "efficient" or "math" (also "sdpa-flash", ...)."""
+    from torch.nn.attention import SDPBackend
+
+    return getattr(SDPBackend, _SDPA_BACKENDS[name.removeprefix("sdpa-")])
+
+
 def pinned_sdpa(q, k, v, provider: str, is_causal: bool = True):
     """A call of SDPA with its backend pinned: provider "sdpa-flash" or "sdpa-cudnn" (GQA enabled)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[provider]
+    backend = sdpa_backend(provider)
 
     def run():
         with sdpa_kernel([backend]):

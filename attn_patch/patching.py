@@ -13,6 +13,8 @@ import functools
 import itertools
 from dataclasses import dataclass
 
+import torch
+
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -55,7 +57,7 @@ def apply(model, method: str = "flash", config: MethodConfig | None = None, **op
         spec.check_model(model, config)
 
     name = f"attn_patch_{next(_names)}"
-    AttentionInterface.register(name, functools.partial(spec.attention, config))
+    AttentionInterface.register(name, functools.partial(_autocast_call, spec.attention, config))
     AttentionMaskInterface.register(name, mask_function)
     state = PatchState(method, config, name, model.config._attn_implementation)
     try:
@@ -69,6 +71,22 @@ def apply(model, method: str = "flash", config: MethodConfig | None = None, **op
         raise
     object.__setattr__(model, STATE_ATTR, state)
     return model
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under ``torch.autocast``, floating-point attention inputs in another dtype are cast to the
+    autocast dtype, as autocast does for SDPA (the model's fp32 RoPE would otherwise hand fp32
+    queries and keys next to bf16 values to the kernels)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors)
+
+
+def _autocast_call(attention, config, module, query, key, value, *args, **kwargs):
+    query, key, value = autocast_inputs(query, key, value)
+    return attention(config, module, query, key, value, *args, **kwargs)
 
 
 def remove(model):

@@ -29,21 +29,18 @@ from __future__ import annotations
 import argparse
 from contextlib import nullcontext
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-# evaluation text (scripts/reproduce_eval.sh) that gates must never be trained on
-HELD_OUT = ("pride_and_prejudice", "news_from_nowhere")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+from attn_patch.training import HELD_OUT, HelpFormatter, lr_lambda, refuse_held_out, token_windows, window_index  # noqa: E402
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=type(
-        "F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--data", nargs="+", required=True, help="text files, directories, globs or hf:NAME")
     ap.add_argument("--text-field", default="text", help="column of a datasets dataset")
@@ -78,41 +75,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def token_windows(tokenizer, docs, seq_len: int) -> torch.Tensor:
-    """[N, seq_len] int64: the documents tokenised, joined with EOS, cut into whole windows."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for doc in docs:
-        stream.extend(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
-    n = len(stream) // seq_len
-    if n == 0:
-        raise SystemExit(f"the training text has {len(stream)} tokens, fewer than one --seq-len {seq_len} window")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-def window_index(micro: int, rank: int, world: int, batch: int, n: int, seed: int) -> list[int]:
-    """The windows of global micro-batch ``micro`` for ``rank``: positions in a seeded permutation
-    per epoch, never repeating inside an epoch across ranks."""
-    out = []
-    for j in range(batch):
-        slot = (micro * world + rank) * batch + j
-        epoch, pos = divmod(slot, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out.append(int(perm[pos]))
-    return out
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        t = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from accelerate import Accelerator
@@ -128,9 +90,7 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     out = Path(args.out)
     docs = load_texts(args.data, text_field=args.text_field)
-    held = [d.name for d in docs if any(h in Path(d.name).name for h in HELD_OUT)]
-    if held and not args.allow_eval_text:
-        raise SystemExit(f"{held} are held out for evaluation; train on other text or pass --allow-eval-text")
+    refuse_held_out(docs, args.allow_eval_text)
     device = accelerator.device
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model, tokenizer = load_model(args.model, device=str(device), dtype=dtype, rope_scaling=args.rope_scaling)
@@ -260,5 +220,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

@@ -2,8 +2,9 @@
 """Build the README's benchmark tables from results/kernels.csv.
 
 Takes, for each GPU, the newest row of every (provider, mode, shape, lengths) and writes Markdown
-tables between the ``<!-- results:kernels:... -->`` markers (kernel rows) and the
-``<!-- results:e2e:... -->`` markers (whole-model rows) of README.md, or prints them with --print.
+tables between the ``<!-- results:NAME:start/end -->`` markers of README.md (kernels, e2e: whole-model
+prefill and decode, sparse: block-sparse, train-step: the LongLoRA recipe's step), or prints them
+with --print.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from attn_patch.benchmarking import read_rows  # noqa: E402
 BASELINES = ["sdpa-flash", "sdpa-cudnn", "flex"]
 MARKERS = {"kernels": ("<!-- results:kernels:start -->", "<!-- results:kernels:end -->"),
            "e2e": ("<!-- results:e2e:start -->", "<!-- results:e2e:end -->"),
-           "sparse": ("<!-- results:sparse:start -->", "<!-- results:sparse:end -->")}
+           "sparse": ("<!-- results:sparse:start -->", "<!-- results:sparse:end -->"),
+           "train-step": ("<!-- results:train-step:start -->", "<!-- results:train-step:end -->")}
 
 
 def _latest(rows, extra=lambda e: e):
@@ -154,6 +156,41 @@ def sparse_tables(rows) -> str:
     return "\n".join(out)
 
 
+def train_step_tables(rows) -> str:
+    """The LongLoRA recipe's training step per attention (scripts/bench_train_step.py)."""
+    latest = _latest([r for r in rows if r.get("bench") == "train-step"],
+                     extra=lambda e: ",".join(p for p in e.split(",") if p.startswith(("model=", "group="))))
+    names = {"longlora": "S2-Attn (ours)", "flash": "dense (ours)", "sdpa-flash": "SDPA flash",
+             "sdpa-cudnn": "SDPA cuDNN"}
+    out = []
+    for gpu in sorted({k[0] for k in latest}):
+        mine = {k: v for k, v in latest.items() if k[0] == gpu}
+        for n in sorted({int(k[5]) for k in mine}):
+            here = {k[1]: v for k, v in mine.items() if int(k[5]) == n}
+            if "longlora" not in here:
+                continue
+            s2 = float(here["longlora"]["median_ms"])
+            r0 = here["longlora"]
+            out.append(f"**{gpu}**, torch {r0['torch']}, transformers {r0['transformers']}, "
+                       f"{_extra_text(r0, 'model')}, {n} tokens, batch 1, group {_extra_text(r0, 'group')}; "
+                       "median step ms (forward, backward, AdamW) and peak GiB\n")
+            out.append("| attention | step | peak memory | S2 speed-up |")
+            out.append("|---|---|---|---|")
+            for p in sorted(here, key=lambda p: list(names).index(p) if p in names else 9):
+                r = here[p]
+                out.append(f"| {names.get(p, p)} | {float(r['median_ms']):.1f} ms | {_extra(r, 'peak_gib'):.2f} GiB | "
+                           f"{float(r['median_ms']) / s2:.2f}x |")
+            out.append("")
+    return "\n".join(out)
+
+
+def _extra_text(row, name):
+    for part in row["extra"].split(","):
+        if part.startswith(name + "="):
+            return part.split("=", 1)[1]
+    return "?"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--results", default=str(ROOT / "results" / "kernels.csv"))
@@ -161,7 +198,8 @@ def main(argv=None):
     ap.add_argument("--print", action="store_true", help="print the tables instead of editing the README")
     args = ap.parse_args(argv)
     rows = read_rows(args.results)
-    texts = {"kernels": tables(rows), "e2e": e2e_tables(rows), "sparse": sparse_tables(rows)}
+    texts = {"kernels": tables(rows), "e2e": e2e_tables(rows), "sparse": sparse_tables(rows),
+             "train-step": train_step_tables(rows)}
     if args.print:
         print("\n\n".join(texts.values()))
         return

@@ -127,3 +127,37 @@ def _interp():
     import os
 
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("method", ["flash", "longlora"])
+def test_autocast_runs_attention_in_the_autocast_dtype(method, monkeypatch):
+    """Under torch.autocast the fp32 RoPE output and the bf16 values reach the kernels as bf16, as
+    autocast does for SDPA: the patched model equals the SDPA model under the same autocast."""
+    from attn_patch.patching import autocast_inputs
+
+    q, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4).bfloat16()
+    assert [t.dtype for t in autocast_inputs(q, v)] == [torch.float32, torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert [t.dtype for t in autocast_inputs(q, v)] == [torch.bfloat16, torch.bfloat16]
+    import dataclasses
+
+    from attn_patch import registry
+
+    spec = registry.get_method(method)
+    seen = []
+
+    def spy(config, module, query, key, value, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype))
+        return spec.attention(config, module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setitem(registry._METHODS, method, dataclasses.replace(spec, attention=spy))
+    torch.manual_seed(0)
+    model = build("llama")
+    ids = torch.randint(1, 96, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        want = model(ids).logits
+        with attn_patch.patched(model, method, backend="reference"):
+            got = model(ids).logits
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)

@@ -1,5 +1,4 @@
 """recipes/seer_distill.py on a tiny model on CPU: the loss falls, the gates load, resume is exact."""
-import importlib.util
 import json
 import os
 import shutil
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build
+from tiny_models import build, load_script, word_tokenizer
 
 import attn_patch
 from attn_patch.seer import gates_of
@@ -21,28 +20,7 @@ BOOK = ROOT.parent / "shared" / "data" / "books" / "moby_dick.txt"
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("seer_distill", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _word_tokenizer(text: str, size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {}
-    for w in text.lower().split():
-        words[w] = words.get(w, 0) + 1
-    vocab = {"<unk>": 0, "</s>": 1}
-    for w, _ in sorted(words.items(), key=lambda kv: -kv[1])[: size - 2]:
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    from tokenizers import normalizers
-
-    tok.normalizer = normalizers.Lowercase()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+    return load_script(RECIPE)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +36,7 @@ def tiny(tmp_path_factory):
             layer.self_attn.q_proj.weight.mul_(8.0)
             layer.self_attn.k_proj.weight.mul_(8.0)
     model.save_pretrained(root / "model")
-    _word_tokenizer(text, 96).save_pretrained(root / "model")
+    word_tokenizer(text, 96).save_pretrained(root / "model")
     return root
 
 

@@ -49,3 +49,32 @@ def left_padded_batch(lengths, total, generator=None):
         mask[i, total - n:] = 1
         ids[i, : total - n] = 0
     return ids, mask
+
+
+def word_tokenizer(text: str, size: int):
+    """A word-level tokenizer over the most frequent words of ``text`` (id 1 is EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {}
+    for w in text.lower().split():
+        words[w] = words.get(w, 0) + 1
+    vocab = {"<unk>": 0, "</s>": 1}
+    for w, _ in sorted(words.items(), key=lambda kv: -kv[1])[: size - 2]:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers import normalizers
+
+    tok.normalizer = normalizers.Lowercase()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+
+
+def load_script(path):
+    """A script (a recipe) imported as a module from its file path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

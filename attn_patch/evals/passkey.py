@@ -2,10 +2,15 @@
 repeated filler sentences; the model completes "The pass key is". Scored by exact match of the first
 integer in the greedy continuation; accuracy per context length.
 
-Prompts are plain text (no chat template) assembled from token ids, exactly the requested number of
-tokens::
+Prompts are assembled from token ids, exactly the requested number of tokens. Plain (LongLoRA's
+format)::
 
-    [BOS] instruction | filler ... pass key sentence ... filler | question
+    [BOS] instruction | filler ... pass key sentence ... filler | question "The pass key is"
+
+or (``chat=True``, ``--chat``) one user message in the model's chat template holding instruction,
+filler and question, with "The pass key is" opening the assistant's reply. The plain format is the
+default: SmolLM2-135M-Instruct reads the chat form as a question about what a pass key is (on the
+H200 it scored 0.5 / 0.0 / 0.0 / 0.3 at 1k / 2k / 4k / 8k, against 1.0 / 1.0 / 1.0 / 0.6 plain).
 
 Usable from Python (:func:`build_passkey_prompt`, :func:`evaluate_passkey`) and from the command line
 (``python scripts/eval_passkey.py --help``).
@@ -23,20 +28,22 @@ import torch
 from ..errors import ConfigError
 from . import common
 from .needle import (SNAP_TOKENS, _as_specs, _check_lengths, _warn_context, encode, generate_continuation,
-                     leading_special_ids, pad_id, sentence_end_flags, snap_back, trial_rng)
+                     leading_special_ids, pad_id, prompt_frame, sentence_end_flags, snap_back, trial_rng)
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+CHAT_QUESTION, CHAT_ANSWER = "What is the pass key?", "The pass key is"
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 MAX_KEY = 49999
 _INT_RE = re.compile(r"\d+")
 
 
-def build_passkey_prompt(tokenizer, length: int, key: int | str, depth: float, *, snap: int = SNAP_TOKENS) -> dict:
+def build_passkey_prompt(tokenizer, length: int, key: int | str, depth: float, *, snap: int = SNAP_TOKENS,
+                         chat: bool = False) -> dict:
     """One passkey prompt of exactly ``length`` tokens.
 
     The filler is repeated to fill the context; the pass key sentence goes at the token position
@@ -46,8 +53,11 @@ def build_passkey_prompt(tokenizer, length: int, key: int | str, depth: float, *
     """
     if not 0.0 <= depth <= 1.0:
         raise ConfigError(f"depth {depth}: use a fraction between 0 and 1")
-    prefix = leading_special_ids(tokenizer) + encode(tokenizer, INSTRUCTION + "\n")
-    suffix = encode(tokenizer, "\n" + QUESTION)
+    if chat:
+        prefix, suffix, _, _ = prompt_frame(tokenizer, CHAT_QUESTION, INSTRUCTION, CHAT_ANSWER, chat=True)
+    else:
+        prefix = leading_special_ids(tokenizer) + encode(tokenizer, INSTRUCTION + "\n")
+        suffix = encode(tokenizer, "\n" + QUESTION)
     key_text = KEY_LINE.format(key=key)
     key_ids = encode(tokenizer, " " + key_text)
     unit = encode(tokenizer, " " + FILLER)
@@ -74,10 +84,10 @@ def extract_int(text: str) -> int | None:
 
 
 def evaluate_passkey(model, tokenizer, methods, lengths, trials: int = 10, *, seed: int = 0,
-                     max_new_tokens: int = 16, show_progress: bool = True) -> dict:
+                     max_new_tokens: int = 16, chat: bool = False, show_progress: bool = True) -> dict:
     """Accuracy of each method per context length over ``trials`` prompts per length. Each trial draws
     its pass key (uniform in 1..49999) and depth (uniform in 0..1) from ``seed``, length and trial
-    number; every method sees the same prompts.
+    number; every method sees the same prompts. ``chat``: the chat-template prompt instead of the plain one.
 
     Returns a JSON-able dict: settings, and per method label: accuracy per length, overall mean,
     agreement with the first method, seconds, and per-trial records.
@@ -91,7 +101,7 @@ def evaluate_passkey(model, tokenizer, methods, lengths, trials: int = 10, *, se
         for t in range(trials):
             rng = trial_rng("passkey", seed, length, t)
             key, depth = rng.randint(1, MAX_KEY), rng.random()
-            prompts.append((li, t, key, depth, build_passkey_prompt(tokenizer, length, key, depth)))
+            prompts.append((li, t, key, depth, build_passkey_prompt(tokenizer, length, key, depth, chat=chat)))
 
     pad = pad_id(tokenizer)
     results = {}
@@ -127,7 +137,7 @@ def evaluate_passkey(model, tokenizer, methods, lengths, trials: int = 10, *, se
     bar.close()
     return {
         "task": "passkey",
-        "settings": {"lengths": lengths, "trials": trials, "seed": seed, "max_new_tokens": max_new_tokens,
+        "settings": {"lengths": lengths, "trials": trials, "seed": seed, "max_new_tokens": max_new_tokens, "chat": chat,
                      "instruction": INSTRUCTION, "filler": FILLER, "key_line": KEY_LINE, "question": QUESTION,
                      "scoring": "exact match: the first integer in the continuation equals the pass key"},
         "methods": results,
@@ -159,7 +169,8 @@ def format_markdown(result: dict) -> str:
     rows.append(["same output as first"] + [f"{result['methods'][m]['same_generation_as_first']:.2f}"
                                             for m in labels])
     return (f"## Passkey retrieval\n\nExact match of the pass key (1..{MAX_KEY}) at a random depth; "
-            f"{s['trials']} trial(s) per length, greedy decoding ({s['max_new_tokens']} new tokens), "
+            f"{s['trials']} trial(s) per length, {'chat' if s.get('chat') else 'plain'} prompt, "
+            f"greedy decoding ({s['max_new_tokens']} new tokens), "
             f"seed {s['seed']}.\n\n" + common.markdown_table(["length"] + labels, rows) + "\n")
 
 
@@ -168,6 +179,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt lengths in tokens (default: %(default)s)")
     parser.add_argument("--trials", type=int, default=10, help="prompts per length (default: 10)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: 16)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap the prompt in the tokenizer's chat template (default: LongLoRA's plain text)")
     common.add_common_arguments(parser)
 
 
@@ -176,7 +189,7 @@ def run(args) -> int:
     model, tokenizer, methods, device, dtype = common.setup_from_args(args)
     _warn_context(model, args.lengths, args.max_new_tokens)
     result = evaluate_passkey(model, tokenizer, methods, args.lengths, args.trials, seed=args.seed,
-                              max_new_tokens=args.max_new_tokens)
+                              max_new_tokens=args.max_new_tokens, chat=args.chat)
     result["run"] = common.describe_run(model, device, dtype)
     print(format_table(result))
     if args.out:

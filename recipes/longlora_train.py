@@ -1,0 +1,356 @@
+"""LongLoRA context extension: LoRA on the attention projections plus trainable embeddings and norms,
+trained on long packed text with shifted-sparse attention (S2-Attn) and a scaled RoPE.
+
+    # SmolLM2 8k -> 32k: linear position interpolation x4, S2-Attn with groups of 1/4 of the window
+    accelerate launch --config_file recipes/configs/single_gpu.yaml recipes/longlora_train.py \\
+        --data ../shared/data/books/moby_dick.txt ../shared/data/books/jack_sheppard.txt \\
+        --rope-scaling linear:4 --seq-len 32768 --steps 200 --out runs/longlora-smollm2 --merge
+
+    # two GPUs, data parallel (LoRA weights are small: DDP, every rank holds the model)
+    accelerate launch --config_file recipes/configs/ddp_2gpu.yaml recipes/longlora_train.py ...
+
+The model loads with the RoPE scaling merged into its config (``--rope-scaling linear:4``,
+``dynamic:4``, ``yarn:4`` or a JSON object), is patched with ``attn_patch.apply(model, ATTENTION)``
+(default ``longlora``: S2-Attn while training; ``--attention flash`` trains with dense attention,
+``--attention seer`` with a seer model's block-sparse attention, ``--attention sdpa`` unpatched) and
+wrapped by PEFT: LoRA (``--lora-r 8 --lora-alpha 16`` on the family's q, k, v, o projections unless
+``--lora-targets`` says otherwise) plus full copies of the embeddings and norms as
+``modules_to_save`` (tied input/output embeddings stay tied). Gradient checkpointing is on, the
+weights are fp32 with bf16 autocast on GPU, the loss is the next-token NLL computed in chunks of
+positions so the [tokens, vocab] logits never exist at once.
+
+Text comes from local files / directories / globs or ``hf:NAME[:CONFIG][@SPLIT]`` (``datasets``),
+is tokenised, joined with EOS between documents and cut into windows of ``--seq-len`` tokens
+(``--doc-mask``: attention does not cross the EOS boundaries inside a window). The window order is
+a seeded permutation per epoch with ranks taking disjoint windows, so ``--resume`` continues with
+exactly the batches it would have seen.
+
+Output (``--out``): ``adapter/`` (PEFT adapter: LoRA + the trained embeddings and norms),
+``attn_patch.json`` (base model, RoPE scaling, attention method and options, training summary),
+``log.jsonl`` (loss, learning rate, tokens, step time and peak memory per logged step),
+``checkpoint/`` (adapter, optimizer, scheduler, step) and, with ``--merge``, ``merged/``: a
+standalone transformers model (weights + tokenizer) whose config carries the RoPE scaling
+(``recipes/longlora_merge.py`` does the same for a finished run).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+from attn_patch.training import (HelpFormatter, chunked_lm_loss, document_positions, lr_lambda,  # noqa: E402
+                                 refuse_held_out, token_windows, window_index)
+
+# per family: LoRA targets (q, k, v, o projections) and the embeddings and norms trained in full
+LORA_DEFAULTS = {
+    "llama": (["q_proj", "k_proj", "v_proj", "o_proj"], ["embed_tokens", "norm"]),
+    "mistral": (["q_proj", "k_proj", "v_proj", "o_proj"], ["embed_tokens", "norm"]),
+    "qwen2": (["q_proj", "k_proj", "v_proj", "o_proj"], ["embed_tokens", "norm"]),
+    "gpt2": (["attn.c_attn", "attn.c_proj"], ["wte", "wpe", "ln_1", "ln_2", "ln_f"]),
+    "gpt_neox": (["query_key_value", "attention.dense"], ["embed_in", "layernorm", "final_layer_norm"]),
+}
+RUN_FILE = "attn_patch.json"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", nargs="+", required=True, help="text files, directories, globs or hf:NAME")
+    ap.add_argument("--text-field", default="text", help="column of a datasets dataset")
+    ap.add_argument("--allow-eval-text", action="store_true", help="allow training on the held-out evaluation books")
+    ap.add_argument("--rope-scaling", help="RoPE scaling for the extended context (linear:4, dynamic:4, yarn:4 or "
+                                           "JSON); kept in the merged model's config")
+    ap.add_argument("--seq-len", type=int, default=32768, help="tokens per training sequence")
+    ap.add_argument("--doc-mask", action="store_true", help="no attention across EOS boundaries inside a window")
+    ap.add_argument("--attention", default="longlora", choices=["longlora", "flash", "seer", "sdpa"],
+                    help="attention while training (sdpa: transformers' own, unpatched)")
+    ap.add_argument("--attention-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the attention method, e.g. group=0.25, sink=4 (repeatable)")
+    ap.add_argument("--sdpa-backend", choices=["flash", "cudnn", "efficient", "math"],
+                    help="pin torch SDPA to one backend (with --attention sdpa)")
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-alpha", type=float, default=16)
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--lora-targets", nargs="+", help="module names for LoRA (default: the family's q, k, v, o)")
+    ap.add_argument("--trainable", nargs="*", help="modules trained in full, PEFT modules_to_save (default: the "
+                                                   "family's embeddings and norms; pass nothing for LoRA only)")
+    ap.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per process")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                    help="after warmup (LongLoRA: constant)")
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--no-gradient-checkpointing", action="store_true")
+    ap.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"],
+                    help="autocast for the forward (default: bf16 on GPU, no on CPU); weights stay fp32")
+    ap.add_argument("--loss-chunk", type=int, default=4096, help="positions per chunk of the output layer + loss")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    ap.add_argument("--stop-at", type=int, help="checkpoint and stop after this step (resume later with --resume)")
+    ap.add_argument("--merge", action="store_true", help="also write OUT/merged, a standalone model")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def parse_options(items: list[str]) -> dict:
+    """``["group=0.25", "sink=4", "inference=s2"]`` -> typed dict (JSON values where they parse)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--attention-opt {item!r}: use KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+class CausalLMLoss(torch.nn.Module):
+    """The model's body and a chunked next-token loss in one module, so DDP sees one forward."""
+
+    def __init__(self, peft_model, chunk: int):
+        super().__init__()
+        self.model = peft_model
+        self.chunk = chunk
+
+    def forward(self, input_ids, position_ids=None):
+        lm = self.model.get_base_model()
+        body = getattr(lm, lm.base_model_prefix)
+        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return chunked_lm_loss(hidden, lm.get_output_embeddings(), input_ids, self.chunk)
+
+
+def lora_model(model, args):
+    """PEFT LoRA + modules_to_save on the family's defaults (or the user's lists)."""
+    from peft import LoraConfig, get_peft_model
+
+    family = model.config.model_type
+    targets, trainable = LORA_DEFAULTS.get(family, (None, None))
+    targets = args.lora_targets or targets
+    trainable = trainable if args.trainable is None else args.trainable
+    if targets is None:
+        raise SystemExit(f"no default LoRA targets for model family {family!r}: pass --lora-targets and --trainable")
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and bool(trainable)
+    extra = {}
+    if tied:
+        if "ensure_weight_tying" not in LoraConfig.__dataclass_fields__:
+            raise SystemExit("the model ties its input and output embeddings; training the embeddings keeps them tied "
+                             "only with peft >= 0.18 (ensure_weight_tying): pip install -U peft, or pass --trainable "
+                             "without the embedding")
+        extra["ensure_weight_tying"] = True
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, modules_to_save=list(trainable) or None, task_type="CAUSAL_LM",
+                        **extra)
+    return get_peft_model(model, config)
+
+
+def load_base(model_path, rope_scaling, device, dtype="float32"):
+    """The base model with the RoPE scaling merged into its config, and its tokenizer."""
+    from attn_patch.evals.common import load_model
+
+    return load_model(model_path, device=str(device), dtype=dtype, rope_scaling=rope_scaling)
+
+
+def _merge_module():
+    spec = importlib.util.spec_from_file_location("longlora_merge", Path(__file__).with_name("longlora_merge.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    import attn_patch
+    from attn_patch.evals.common import progress
+    from attn_patch.evals.text import load_texts
+    from attn_patch.models import parse_rope_scaling
+
+    options = parse_options(args.attention_opt)
+    if args.attention == "sdpa" and options:
+        raise SystemExit("--attention-opt sets options of an attn_patch method; --attention sdpa has none")
+    if args.sdpa_backend and args.attention != "sdpa":
+        raise SystemExit("--sdpa-backend pins transformers' SDPA attention: use it with --attention sdpa")
+    cuda = torch.cuda.is_available()
+    precision = args.mixed_precision or ("bf16" if cuda else "no")
+    accelerator = Accelerator(mixed_precision=precision)
+    set_seed(args.seed)
+    out = Path(args.out)
+    docs = load_texts(args.data, text_field=args.text_field)
+    refuse_held_out(docs, args.allow_eval_text)
+    device = accelerator.device
+    scaling = parse_rope_scaling(args.rope_scaling)
+    model, tokenizer = load_base(args.model, scaling, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if args.attention != "sdpa":
+        attn_patch.apply(model, args.attention, **options)
+    if not args.no_gradient_checkpointing:
+        # renamed activation_checkpointing_enable in transformers 5.2x; the old name warns there
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = lora_model(model, args)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    windows = token_windows(tokenizer, docs, args.seq_len)
+    n_params = sum(p.numel() for p in params)
+    accelerator.print(f"{len(docs)} documents -> {windows.shape[0]} windows of {args.seq_len} tokens; "
+                      f"{n_params / 1e6:.2f} M trainable parameters; attention {args.attention} {options or ''}; "
+                      f"RoPE {getattr(model.config, 'rope_parameters', None)}; {accelerator.num_processes} process(es)")
+
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.warmup, args.steps, args.min_lr_ratio, args.schedule))
+    wrapper, optimizer, scheduler = accelerator.prepare(CausalLMLoss(peft_model, args.loss_chunk), optimizer,
+                                                        scheduler)
+    ckpt = out / "checkpoint"
+    start = 0
+    if args.resume:
+        if not (ckpt / "trainer_state.pt").is_file():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+        state_dict = load_file(ckpt / "adapter" / "adapter_model.safetensors", device=str(device))
+        result = set_peft_model_state_dict(peft_model, state_dict)
+        if getattr(result, "unexpected_keys", None):
+            raise SystemExit(f"--resume: the checkpoint does not match this model: {result.unexpected_keys[:4]}")
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        accelerator.print(f"resumed from {ckpt} at step {start}")
+
+    tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * accelerator.num_processes
+    run_info = {"recipe": "recipes/longlora_train.py", "model": args.model, "rope_scaling": scaling,
+                "attention": args.attention, "attention_options": options, "seq_len": args.seq_len,
+                "doc_mask": args.doc_mask}
+
+    def save(path: Path, step: int, final: dict | None = None) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            peft_model.save_pretrained(path / "adapter")
+            training = {"step": step, "tokens": step * tokens_per_step, "data": [Path(d).name for d in args.data],
+                        "lr": args.lr, "schedule": args.schedule, "warmup": args.warmup,
+                        "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                        "processes": accelerator.num_processes, "lora_r": args.lora_r,
+                        "lora_alpha": args.lora_alpha, "mixed_precision": precision, **(final or {})}
+            (path / RUN_FILE).write_text(json.dumps({**run_info, "training": training}, indent=2) + "\n")
+            if path == ckpt:
+                torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "args": vars(args)}, ckpt / "trainer_state.pt")
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
+    bar = progress(total=args.steps, initial=start, desc=f"longlora ({args.attention})",
+                   disable=not accelerator.is_main_process)
+    pin = nullcontext
+    if args.sdpa_backend:
+        from torch.nn.attention import sdpa_kernel
+
+        from attn_patch.benchmarking import sdpa_backend
+
+        pin = lambda: sdpa_kernel([sdpa_backend(args.sdpa_backend)])  # noqa: E731
+    eos = tokenizer.eos_token_id
+    if args.doc_mask and eos is None:
+        raise SystemExit("--doc-mask splits windows at EOS, but the tokenizer has no eos_token_id")
+    wrapper.train()
+    t0 = time.perf_counter()
+    first = last = None
+    step_times: list[float] = []
+    interval_nll, interval_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    stop = min(args.steps, args.stop_at or args.steps)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(start, stop):
+        t_step = time.perf_counter()
+        for a in range(args.grad_accum):
+            micro = step * args.grad_accum + a
+            idx = window_index(micro, accelerator.process_index, accelerator.num_processes, args.batch_size,
+                               windows.shape[0], args.seed)
+            ids = windows[idx].to(device)
+            positions = document_positions(ids, eos) if args.doc_mask else None
+            sync = a == args.grad_accum - 1
+            ctx = accelerator.no_sync(wrapper) if not sync and accelerator.num_processes > 1 else nullcontext()
+            with ctx, pin():
+                nll, count = wrapper(ids, positions)
+                accelerator.backward(nll / (count * args.grad_accum))
+            interval_nll += nll.detach()
+            interval_tokens += count
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t_step)
+        done = step + 1
+        if done % args.log_every == 0 or done == stop or done == start + 1:
+            # token-weighted mean NLL over the steps since the last line, across ranks
+            nll_sum = accelerator.reduce(interval_nll, reduction="sum")
+            tok_sum = accelerator.reduce(interval_tokens, reduction="sum")
+            value = float(nll_sum / tok_sum)
+            first = value if first is None else first
+            last = value
+            if accelerator.is_main_process:
+                rec = {"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0],
+                       "tokens": done * tokens_per_step, "elapsed_s": round(time.perf_counter() - t0, 1),
+                       "step_s": round(step_times[-1], 4)}
+                if cuda:
+                    rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix_str(f"loss {value:.4f}")
+            interval_nll.zero_()
+            interval_tokens.zero_()
+        bar.update(1)
+        if args.save_every and done % args.save_every == 0 and done < stop:
+            save(ckpt, done)
+    bar.close()
+    if stop < args.steps:
+        save(ckpt, stop)
+        accelerator.print(f"stopped at step {stop} of {args.steps}; continue with --resume")
+        accelerator.end_training()
+        return 0
+    elapsed = time.perf_counter() - t0
+    final = {"first_loss": first, "final_loss": last, "train_seconds": round(elapsed, 1),
+             "median_step_s": round(statistics.median(step_times[1:] or step_times), 4) if step_times else None,
+             "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+    if cuda:
+        final["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    save(ckpt, args.steps)
+    save(out, args.steps, final)
+    accelerator.print(f"saved the adapter to {out / 'adapter'} ({args.steps - start} steps, {elapsed:.1f} s, "
+                      f"{(args.steps - start) * tokens_per_step} tokens; loss {first} -> {last})")
+    if log is not None:
+        log.close()
+    accelerator.end_training()
+    if args.merge and accelerator.is_main_process:
+        del wrapper, optimizer, peft_model, model
+        _merge_module().merge(out, out / "merged", device=str(device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
