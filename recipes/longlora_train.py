@@ -130,8 +130,7 @@ class CausalLMLoss(torch.nn.Module):
 
     def forward(self, input_ids, position_ids=None):
         lm = self.model.get_base_model()
-        body = getattr(lm, lm.base_model_prefix)
-        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         return chunked_lm_loss(hidden, lm.get_output_embeddings(), input_ids, self.chunk)
 
 
@@ -159,13 +158,6 @@ def lora_model(model, args):
     return get_peft_model(model, config)
 
 
-def load_base(model_path, rope_scaling, device, dtype="float32"):
-    """The base model with the RoPE scaling merged into its config, and its tokenizer."""
-    from attn_patch.evals.common import load_model
-
-    return load_model(model_path, device=str(device), dtype=dtype, rope_scaling=rope_scaling)
-
-
 def _merge_module():
     spec = importlib.util.spec_from_file_location("longlora_merge", Path(__file__).with_name("longlora_merge.py"))
     module = importlib.util.module_from_spec(spec)
@@ -181,7 +173,7 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
 
     import attn_patch
-    from attn_patch.evals.common import progress
+    from attn_patch.evals.common import load_model, progress
     from attn_patch.evals.text import load_texts
     from attn_patch.models import parse_rope_scaling
 
@@ -199,7 +191,7 @@ def main(argv=None) -> int:
     refuse_held_out(docs, args.allow_eval_text)
     device = accelerator.device
     scaling = parse_rope_scaling(args.rope_scaling)
-    model, tokenizer = load_base(args.model, scaling, device)
+    model, tokenizer = load_model(args.model, device=str(device), dtype="float32", rope_scaling=scaling)
     for p in model.parameters():
         p.requires_grad_(False)
     if args.attention != "sdpa":
