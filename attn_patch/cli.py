@@ -2,7 +2,7 @@
 
     attn-patch run                         patch a model, check it against the original, time both
     attn-patch eval ppl|needle|passkey     evaluations (attn_patch.evals)
-    attn-patch bench kernels|e2e           benchmarks; rows go to results/kernels.csv
+    attn-patch bench kernels|e2e|sparse|s2|moh   benchmarks; rows go to results/kernels.csv
     attn-patch methods                     methods and their options
 """
 from __future__ import annotations
@@ -149,6 +149,7 @@ BENCHES = {
     "e2e": ("bench_e2e", "whole-model prefill latency, peak memory and decode speed per method"),
     "sparse": ("bench_sparse", "block-sparse attention at given densities vs dense baselines and FlexAttention"),
     "s2": ("bench_s2", "LongLoRA's shifted-sparse attention (S2-Attn) vs dense baselines and FlexAttention"),
+    "moh": ("bench_moh", "head-routed (MoH) attention at given active-head ratios vs our dense kernel and SDPA"),
 }
 
 

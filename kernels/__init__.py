@@ -3,7 +3,8 @@
 ``reference`` needs only torch; ``flash`` needs triton and is imported lazily so that the
 package works on machines without it.
 """
-from .reference import attention_flops, attention_reference, block_sparse_to_dense, s2_mask_reference, visibility_mask
+from .reference import (attention_flops, attention_reference, block_sparse_to_dense, head_routed_reference,
+                        s2_mask_reference, visibility_mask)
 
 MAX_HEAD_DIM = 128  # largest head dim the Triton kernels take (one register tile per row)
 
@@ -17,4 +18,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MAX_HEAD_DIM", "attention_reference", "s2_mask_reference", "visibility_mask", "block_sparse_to_dense", "attention_flops", "flash_attention"]
+__all__ = ["MAX_HEAD_DIM", "attention_reference", "s2_mask_reference", "visibility_mask", "block_sparse_to_dense", "attention_flops", "flash_attention",
+           "head_routed_reference"]

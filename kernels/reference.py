@@ -150,7 +150,17 @@ def attention_flops(batch: int, heads: int, tq: int, tk: int, head_dim: int, cau
     return flops
 
 
-__all__ = ["attention_reference", "visibility_mask", "block_sparse_to_dense", "attention_flops"]
+def head_routed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_mask: torch.Tensor,
+                          **kwargs) -> torch.Tensor:
+    """Attention computed for every head, then zeroed where ``head_mask`` (bool [B, Tq, Hq]) is False:
+    the contract of ``kernels.moh.head_routed_attention`` (and what the reference MoH code computes).
+    Returns out [B, Hq, Tq, D]; keyword arguments are those of ``attention_reference``."""
+    out, _ = attention_reference(q, k, v, **kwargs)
+    return out * head_mask.transpose(1, 2)[..., None].to(out.dtype)
+
+
+__all__ = ["attention_reference", "visibility_mask", "block_sparse_to_dense", "attention_flops",
+           "head_routed_reference"]
 
 
 def s2_mask_reference(num_heads: int, length: int, group: int, *, shift_from: int, sink: int = 0,
