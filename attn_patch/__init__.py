@@ -8,6 +8,8 @@
     attn_patch.methods()                    # methods and their options
     attn_patch.apply(model, "seer", density=0.2); attn_patch.stats(model)   # block-sparse prefill
     attn_patch.apply(model, "longlora", group=0.25)   # S2-Attn while training, dense in eval
+    attn_patch.apply(model, "moh", active=0.75)       # each token uses 75% of the heads; only those run
+    loss = lm_loss + attn_patch.aux_loss(model)       # MoH load-balance loss while training
 """
 from ._source_tree import mount_kernels as _mount_kernels
 
@@ -15,12 +17,14 @@ _mount_kernels()
 
 from . import flash as _flash  # noqa: E402,F401  (registers the "flash" method)
 from . import longlora as _longlora  # noqa: E402,F401  (registers the "longlora" method)
+from . import moh as _moh  # noqa: E402,F401  (registers the "moh" method)
 from . import seer as _seer  # noqa: E402,F401  (registers the "seer" method)
 from .config import MethodConfig  # noqa: E402
 from .errors import AttnPatchError, ConfigError, PatchStateError, UnsupportedModelError  # noqa: E402
 from .families import FAMILIES  # noqa: E402
 from .flash import FlashConfig  # noqa: E402
 from .longlora import LongLoRAConfig  # noqa: E402
+from .moh import MoHConfig  # noqa: E402
 from .patching import apply, patch_state, patched, remove  # noqa: E402
 from .registry import methods  # noqa: E402
 from .seer import SeerConfig  # noqa: E402
@@ -30,13 +34,14 @@ __version__ = "0.1.0"
 __all__ = [
     "apply", "remove", "patched", "methods", "patch_state", "MethodConfig", "FlashConfig", "FAMILIES",
     "AttnPatchError", "ConfigError", "PatchStateError", "UnsupportedModelError", "load_default_model",
-    "SeerConfig", "LongLoRAConfig", "stats",
+    "SeerConfig", "LongLoRAConfig", "MoHConfig", "stats", "aux_loss",
 ]
 
 
 def stats(model, reset: bool = False) -> dict:
-    """What a patched model's method measured: for "seer", the achieved block density per layer and
-    head and how many calls ran sparse or dense (``reset=True`` starts counting afresh)."""
+    """What a patched model's method measured (``reset=True`` starts counting afresh): for "seer", the
+    achieved block density per layer and head and how many calls ran sparse or dense; for "moh", how
+    often each head was picked per layer."""
     from .patching import patch_state as _state
 
     state = _state(model)
@@ -46,7 +51,25 @@ def stats(model, reset: bool = False) -> dict:
         from .seer.method import stats as _seer_stats
 
         return _seer_stats(model, reset=reset)
-    raise PatchStateError(f"method {state.method!r} records no statistics (only 'seer' does)")
+    if state.method == "moh":
+        from .moh import stats as _moh_stats
+
+        return _moh_stats(model, reset=reset)
+    raise PatchStateError(f"method {state.method!r} records no statistics (only 'seer' and 'moh' do)")
+
+
+def aux_loss(model, clear: bool = True):
+    """The auxiliary training loss of a patched model's method, to add to the task loss: for "moh",
+    the weighted load-balance loss of the last training-mode forward."""
+    from .patching import patch_state as _state
+
+    state = _state(model)
+    if state is None or state.method != "moh":
+        raise PatchStateError("aux_loss(model) is the MoH load-balance loss; the model is "
+                              + ("not patched" if state is None else f"patched with {state.method!r}"))
+    from .moh import aux_loss as _moh_aux
+
+    return _moh_aux(model, clear=clear)
 
 
 def load_default_model(*args, **kwargs):

@@ -1,0 +1,480 @@
+"""Method "moh": Mixture-of-Head attention. Each token uses a subset of the query heads, and only
+the selected (token, head) pairs are computed (kernels/moh.py); all KV heads are kept.
+
+Per token: the first ``shared`` query heads are always on and ``top_k`` of the remaining (routed)
+heads are picked by a router attached to each attention module as ``moh_router``:
+
+- ``router="norm"`` (MoH-LLaMA3's parameter-free router): a routed head's score is the L2 norm of
+  the token's query for that head divided by the standard deviation of the query norms across the
+  token's heads; softmax over the routed heads, top-k. Gates are binary (1 for selected heads), and
+  gradients reach the queries through a straight-through estimator (the gate's value is 1, its
+  gradient that of the softmax probability). RoPE rotates queries, so their norms are the pre-RoPE
+  norms: no hook is needed.
+- ``router="learned"`` (the MoH paper): linear maps of the token's hidden state (the attention
+  module's input, captured by a forward pre-hook on that module) give routed-head scores,
+  shared-head scores and two mixing weights. Selected routed gates are renormalised over the
+  top-k; each head's output is scaled by its gate before the unchanged o_proj, with the scales
+  chosen so that an untrained router (zero shared and mixing weights, near-zero routing weights)
+  multiplies every computed head by ~1, i.e. starts at the dense model restricted to the heads.
+
+Training: the load-balance loss of each layer (MoH / Switch form, ``E * sum_i P_i f_i`` over the
+E routed heads: P_i the mean routing probability, f_i the fraction of the token's top-k picks
+that went to head i; 1 when balanced) is recorded in training mode; ``attn_patch.aux_loss(model)``
+returns ``balance_weight`` times their sum over layers, to add to the training loss.
+``attn_patch.stats(model)`` gives how often each head was picked per layer.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import backend as _backend
+from .config import MethodConfig, option
+from .errors import ConfigError, PatchStateError, UnsupportedModelError
+from .families import attention_modules, family_of, head_dim
+from .kernels import MAX_HEAD_DIM, head_routed_reference
+from .masks import as_attention_mask
+from .registry import Method, register_method
+
+ROUTER_ATTR = "moh_router"
+UNTRAINED = "untrained"
+FORMAT = "attn_patch.moh_routers"
+VERSION = 1
+WEIGHTS_NAME = "routers.safetensors"
+CONFIG_NAME = "config.json"
+DEFAULT_ACTIVE = 0.75
+ROUTE_INIT_STD = 1e-3  # learned routing weights: token-dependent picks, gates within ~3% of 1 at start
+
+
+@dataclass
+class MoHConfig(MethodConfig):
+    router: str | None = option(
+        None, "'norm': parameter-free (query norm over the per-token std across heads, binary gates, "
+        "straight-through gradients; MoH-LLaMA3); 'learned': the paper's linear router on the hidden state "
+        "with weighted heads. None: 'norm', or what the routers at `routers` were trained as",
+        choices=(None, "norm", "learned"))
+    active: float | None = option(
+        None, f"fraction of the query heads each token uses, rounded to whole heads (default {DEFAULT_ACTIVE}); "
+        "or give shared and top_k")
+    shared: int | None = option(None, "query heads every token uses (the first ones); default half the active heads")
+    top_k: int | None = option(None, "routed heads each token picks; default the active heads minus the shared ones")
+    balance_weight: float = option(0.01, "weight of the load-balance loss returned by attn_patch.aux_loss(model)")
+    routers: str | None = option(
+        None, "a directory written by recipes/moh_train.py (router config, and weights for learned routers); "
+        "'untrained': fresh learned routers, for training. Learned routers need one of the two")
+    decode: str = option(
+        "auto", "'auto': calls with few query rows per KV head (decoding) compute every head on the split-K "
+        "decode kernel and zero the unselected ones (decoding is bound by reading the KV cache, which every "
+        "head needs under GQA); 'routed': always the routed kernel", choices=("auto", "routed"))
+
+    def validate(self) -> None:
+        if self.active is not None and not 0.0 < self.active <= 1.0:
+            raise ConfigError(f"active must be a fraction of the heads in (0, 1], got {self.active}")
+        if self.active is not None and self.top_k is not None and self.shared is not None:
+            raise ConfigError("give active, or shared and top_k, not all three")
+        for name in ("shared", "top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        if self.balance_weight < 0:
+            raise ConfigError(f"balance_weight must be >= 0, got {self.balance_weight}")
+
+
+def head_split(num_heads: int, active: float | None, shared: int | None, top_k: int | None) -> tuple[int, int]:
+    """(shared, top_k) for a model with ``num_heads`` query heads."""
+    if shared is None or top_k is None:
+        n_active = max(1, round((DEFAULT_ACTIVE if active is None else active) * num_heads))
+        if shared is None and top_k is None:
+            shared = n_active // 2
+            top_k = n_active - shared
+        elif shared is None:
+            shared = n_active - top_k
+        else:
+            top_k = n_active - shared
+    if shared < 0 or top_k < 0 or shared + top_k > num_heads:
+        raise ConfigError(f"cannot have {shared} shared and {top_k} routed heads per token with {num_heads} query "
+                          "heads")
+    if top_k == 0 and shared < num_heads:
+        raise ConfigError(f"{shared} shared heads and top_k=0 routes nothing (every token uses the same heads); "
+                          "raise top_k or active")
+    return shared, top_k
+
+
+# ------------------------------------------------------------------------------------------------
+# routers
+# ------------------------------------------------------------------------------------------------
+
+
+class MoHRouter(nn.Module):
+    """Picks the heads of each token for one attention layer; see the module docstring."""
+
+    def __init__(self, kind: str, num_heads: int, shared: int, top_k: int, hidden_size: int | None = None):
+        super().__init__()
+        self.kind, self.num_heads, self.shared, self.top_k = kind, num_heads, shared, top_k
+        self.routed = num_heads - shared
+        self.hidden_size = hidden_size
+        self.layer_index = 0
+        self.runtime = None
+        self._hidden = None
+        self._hook = None
+        if kind == "learned":
+            if not hidden_size:
+                raise ConfigError("a learned router needs the model's hidden size")
+            self.route = nn.Linear(hidden_size, max(self.routed, 1), bias=False)
+            nn.init.normal_(self.route.weight, std=ROUTE_INIT_STD)
+            self.shared_score = nn.Linear(hidden_size, shared, bias=False) if shared and self.routed else None
+            self.mix = nn.Linear(hidden_size, 2, bias=False) if shared and self.routed else None
+            for lin in (self.shared_score, self.mix):
+                if lin is not None:
+                    nn.init.zeros_(lin.weight)
+        elif kind != "norm":
+            raise ConfigError(f"router must be 'norm' or 'learned', got {kind!r}")
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, heads={self.num_heads}, shared={self.shared}, top_k={self.top_k}"
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """Routing logits [B, T, routed] (float32)."""
+        if self.kind == "norm":
+            norms = query.float().norm(dim=-1).transpose(1, 2)  # [B, T, H]
+            std = norms.std(dim=-1, keepdim=True, correction=0) if self.num_heads > 1 else torch.ones_like(norms[..., :1])
+            return norms[..., self.shared:] / (std + 1e-6)
+        hidden = self._hidden
+        if hidden is None or hidden.shape[:2] != (query.shape[0], query.shape[2]):
+            raise PatchStateError("the learned MoH router did not see this layer's hidden states (the forward "
+                                  "pre-hook on the attention module); was the module called directly?")
+        return self.route(hidden.to(self.route.weight.dtype)).float()
+
+    def forward(self, query: torch.Tensor):
+        """(gates [B, T, H] float32 (0 for unselected heads), head mask bool [B, T, H], routing
+        probabilities [B, T, routed] float32 or None when nothing is routed)."""
+        b, h, t, _ = query.shape
+        mask = torch.zeros(b, t, h, dtype=torch.bool, device=query.device)
+        mask[..., :self.shared] = True
+        if self.routed == 0 or self.top_k == 0:
+            return mask.float(), mask, None
+        logits = self.scores(query)
+        probs = torch.softmax(logits, dim=-1)
+        picked = probs.topk(self.top_k, dim=-1).indices
+        hard = torch.zeros_like(probs).scatter_(-1, picked, 1.0)
+        mask[..., self.shared:] = hard.bool()
+        if self.kind == "norm":
+            routed = hard + (probs - probs.detach())  # exactly 1 / 0, gradient of the probabilities
+            shared = torch.ones(b, t, self.shared, device=query.device)
+        else:
+            sel = probs * hard
+            routed = sel * (self.top_k / sel.sum(-1, keepdim=True).clamp_min(1e-9))
+            shared = torch.ones(b, t, self.shared, device=query.device)
+            if self.shared_score is not None:
+                hidden = self._hidden.to(self.route.weight.dtype)
+                mix = 2.0 * torch.softmax(self.mix(hidden).float(), dim=-1)
+                shared = self.shared * torch.softmax(self.shared_score(hidden).float(), dim=-1) * mix[..., :1]
+                routed = routed * mix[..., 1:]
+        return torch.cat([shared, routed], dim=-1), mask, probs
+
+
+def balance_loss(probs: torch.Tensor, mask: torch.Tensor, top_k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """E * sum_i P_i f_i over the E routed heads (1 when balanced): P_i the mean routing probability of
+    head i, f_i the share of the tokens' top-k picks that went to head i, over ``valid`` tokens."""
+    e = probs.shape[-1]
+    p = probs.reshape(-1, e)
+    f = mask.reshape(-1, e).float()
+    if valid is not None:
+        keep = valid.reshape(-1)
+        p, f = p[keep], f[keep]
+    n = max(p.shape[0], 1)
+    return e * (p.sum(0) / n * (f.sum(0) / (n * top_k))).sum()
+
+
+class MoHRuntime:
+    """Per-apply state shared by a model's routers (not a module)."""
+
+    def __init__(self, config: MoHConfig):
+        from .flash import FlashConfig
+
+        self.config = config
+        self.dense_config = FlashConfig(backend=config.backend)
+        self.losses: dict[int, torch.Tensor] = {}
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.picks: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor] = {}
+
+    def record(self, layer: int, mask: torch.Tensor, valid: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            m = mask if valid is None else mask & valid[..., None]
+            picks = m.sum(dim=(0, 1), dtype=torch.float64)
+            tokens = (torch.tensor(float(mask.shape[0] * mask.shape[1]), dtype=torch.float64, device=mask.device)
+                      if valid is None else valid.sum(dtype=torch.float64))
+            self.picks[layer] = picks + self.picks[layer] if layer in self.picks else picks
+            self.tokens[layer] = tokens + self.tokens[layer] if layer in self.tokens else tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# the model side
+# ------------------------------------------------------------------------------------------------
+
+
+def model_info(model) -> dict:
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    return {"model_type": config.model_type, "num_layers": len(attention_modules(model)), "num_heads": heads,
+            "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads, "head_dim": head_dim(config),
+            "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)}
+
+
+def _read(path) -> tuple[dict, dict | None]:
+    path = Path(os.fspath(path)).expanduser()
+    config = path / CONFIG_NAME
+    if not config.is_file():
+        raise ConfigError(f"no MoH router config at {config}: pass routers= a directory written by "
+                          "recipes/moh_train.py (or attn_patch.moh.save_routers), or routers='untrained'")
+    meta = json.loads(config.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ConfigError(f"{config} is not an attn_patch MoH router config (format {meta.get('format')!r}, "
+                          f"version {meta.get('version')!r}; this attn_patch reads {FORMAT!r} version {VERSION})")
+    tensors = None
+    if meta["router"]["kind"] == "learned":
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise ConfigError(f"{config} describes learned routers but {weights} is missing")
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(weights))
+    return meta, tensors
+
+
+def _resolve(model, config: MoHConfig) -> tuple[str, int, int, dict | None, str]:
+    """(router kind, shared, top_k, tensors or None, source) for this model."""
+    info = model_info(model)
+    if config.routers not in (None, UNTRAINED):
+        meta, tensors = _read(config.routers)
+        saved = meta["router"]
+        diffs = [f"{k}: routers {meta['model'].get(k)!r}, model {v!r}" for k, v in info.items()
+                 if meta["model"].get(k) != v]
+        if diffs:
+            raise ConfigError(f"the routers at {config.routers} were trained for another model shape "
+                              f"({'; '.join(diffs)})")
+        given = {"router": config.router, "shared": config.shared, "top_k": config.top_k}
+        clash = [f"{k}={v!r} (routers: {saved['kind' if k == 'router' else k]!r})" for k, v in given.items()
+                 if v is not None and v != saved["kind" if k == "router" else k]]
+        if config.active is not None and round(config.active * info["num_heads"]) != saved["shared"] + saved["top_k"]:
+            clash.append(f"active={config.active} (routers: {saved['shared'] + saved['top_k']} of "
+                         f"{info['num_heads']} heads)")
+        if clash:
+            raise ConfigError(f"options {', '.join(clash)} differ from the routers at {config.routers}; drop them")
+        return saved["kind"], saved["shared"], saved["top_k"], tensors, str(config.routers)
+    kind = config.router or "norm"
+    shared, top_k = head_split(info["num_heads"], config.active, config.shared, config.top_k)
+    if kind == "learned" and config.routers is None:
+        raise ConfigError("router='learned' needs trained routers: pass routers=PATH (written by "
+                          "recipes/moh_train.py), or routers='untrained' to start training fresh ones")
+    if kind == "norm" and config.routers == UNTRAINED:
+        raise ConfigError("routers='untrained' is for learned routers; the 'norm' router has no weights")
+    return kind, shared, top_k, None, UNTRAINED if kind == "learned" else "parameter-free"
+
+
+def check_model(model, config: MoHConfig) -> None:
+    family_of(model)
+    d = head_dim(model.config)
+    if not 8 <= d <= MAX_HEAD_DIM:
+        raise UnsupportedModelError(f"head_dim {d} is not supported by the routed kernel (8 <= head_dim <= "
+                                    f"{MAX_HEAD_DIM}); keep attn_implementation='sdpa' for this model")
+    _resolve(model, config)
+
+
+def _capture_hidden(module, args, kwargs):
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    object.__setattr__(getattr(module, ROUTER_ATTR), "_hidden", hidden)
+
+
+def attach(model, config: MoHConfig) -> None:
+    kind, shared, top_k, tensors, source = _resolve(model, config)
+    info = model_info(model)
+    modules = attention_modules(model)
+    routers = [MoHRouter(kind, info["num_heads"], shared, top_k, info["hidden_size"]) for _ in modules]
+    if tensors is not None:
+        _load_state(routers, tensors, config.routers)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    runtime = MoHRuntime(config)
+    for i, (module, router) in enumerate(zip(modules, routers)):
+        if hasattr(module, ROUTER_ATTR):
+            raise PatchStateError(f"attention module {i} already has a {ROUTER_ATTR!r} attribute")
+        router.to(device)
+        router.layer_index, router.runtime, router.source = i, runtime, source
+        module.add_module(ROUTER_ATTR, router)
+        if kind == "learned":
+            router._hook = module.register_forward_pre_hook(_capture_hidden, with_kwargs=True)
+
+
+def detach(model) -> None:
+    for module in attention_modules(model):
+        router = module._modules.get(ROUTER_ATTR)
+        if router is not None:
+            if router._hook is not None:
+                router._hook.remove()
+            del module._modules[ROUTER_ATTR]
+
+
+def routers_of(model) -> list[MoHRouter]:
+    routers = [getattr(m, ROUTER_ATTR, None) for m in attention_modules(model)]
+    if not routers or any(r is None for r in routers):
+        raise PatchStateError("model is not patched with 'moh' (no routers); call attn_patch.apply(model, 'moh')")
+    return routers
+
+
+# ------------------------------------------------------------------------------------------------
+# the attention function
+# ------------------------------------------------------------------------------------------------
+
+
+def _valid_rows(mask, tq: int, tk: int) -> torch.Tensor | None:
+    """bool [B, Tq]: query rows that are real tokens (None: all)."""
+    if mask.key_padding is None or mask.q_offset < 0 or mask.q_offset + tq > tk:
+        return None
+    return mask.key_padding[:, mask.q_offset:mask.q_offset + tq]
+
+
+def attention(config: MoHConfig, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if dropout:
+        raise ConfigError(f"attention dropout (p={dropout}) is not supported by attn_patch's kernels; set the "
+                          "config's attention dropout to 0 or put the model in eval mode")
+    router: MoHRouter = getattr(module, ROUTER_ATTR, None)
+    if router is None:
+        raise PatchStateError("this attention module has no MoH router; was the model patched with "
+                              "attn_patch.apply(model, 'moh')?")
+    rt: MoHRuntime = router.runtime
+    mask = as_attention_mask(attention_mask, module, query, key, kwargs.get("is_causal"))
+    b, hq, tq, _ = query.shape
+    tk = key.shape[2]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    gates, head_mask, probs = router(query)
+    router._hidden = None
+    valid = _valid_rows(mask, tq, tk)
+    rt.record(router.layer_index, head_mask, valid)
+    if module.training and probs is not None and config.balance_weight > 0 and torch.is_grad_enabled():
+        rt.losses[router.layer_index] = balance_loss(probs, head_mask[..., router.shared:], router.top_k, valid)
+
+    if _backend.choose(config.backend, query) == "reference":
+        out = head_routed_reference(query, key, value, head_mask, scale=scale, **mask.kernel_args())
+    else:
+        from .kernels.flash import DECODE_MAX_ROWS, flash_attention
+        from .kernels.moh import head_routed_attention
+
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        decode = (config.decode == "auto" and not needs_grad and (hq // key.shape[1]) * tq <= DECODE_MAX_ROWS
+                  and tq < tk and mask.dense is None and mask.documents is None)
+        if decode:
+            out, _ = flash_attention(query, key, value, scale=scale, decode=True, **mask.kernel_args())
+            out = out * head_mask.transpose(1, 2)[..., None].to(out.dtype)
+        else:
+            out, _ = head_routed_attention(query, key, value, head_mask, scale=scale, **mask.kernel_args())
+    out = out.transpose(1, 2)  # [B, Tq, Hq, D]
+    if router.kind == "learned" or (torch.is_grad_enabled() and gates.requires_grad):
+        out = out * gates[..., None].to(out.dtype)
+    return out, None
+
+
+def aux_loss(model, clear: bool = True) -> torch.Tensor:
+    """``balance_weight`` times the sum over layers of the load-balance losses recorded by the last
+    training-mode forward (add it to the training loss before backward)."""
+    routers = routers_of(model)
+    rt: MoHRuntime = routers[0].runtime
+    if routers[0].top_k == 0 or routers[0].routed == 0:
+        return torch.zeros((), device=next(model.parameters()).device)
+    if not rt.losses:
+        raise PatchStateError("no load-balance losses recorded: aux_loss(model) needs a forward in training mode "
+                              "(model.train()) with gradients enabled since the last call")
+    total = rt.config.balance_weight * torch.stack([rt.losses[i] for i in sorted(rt.losses)]).sum()
+    if clear:
+        rt.losses.clear()
+    return total
+
+
+def stats(model, reset: bool = False) -> dict:
+    """How often each query head was picked per layer (share of the tokens seen since apply or the last
+    reset), and the mean active-head ratio."""
+    routers = routers_of(model)
+    rt: MoHRuntime = routers[0].runtime
+    layers, total, count = [], 0.0, 0
+    for i, r in enumerate(routers):
+        picks, tokens = rt.picks.get(i), rt.tokens.get(i)
+        n = float(tokens) if tokens is not None else 0.0
+        heads = [round(float(x) / n, 4) for x in picks.cpu()] if picks is not None and n else []
+        if heads:
+            total += sum(heads) / len(heads)
+            count += 1
+        layers.append({"layer": i, "tokens": int(n), "utilisation": heads,
+                       "active": round(sum(heads) / len(heads), 4) if heads else None})
+    out = {"method": "moh", "router": routers[0].kind, "shared": routers[0].shared, "top_k": routers[0].top_k,
+           "num_heads": routers[0].num_heads, "active": round(total / count, 4) if count else None,
+           "layers": layers}
+    if reset:
+        rt.reset_stats()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# saving and loading
+# ------------------------------------------------------------------------------------------------
+
+
+def _expected(routers: list[MoHRouter]) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, r in enumerate(routers):
+        for name, p in r.named_parameters():
+            out[f"layers.{i}.{name}"] = p
+    return out
+
+
+def _load_state(routers: list[MoHRouter], tensors: dict[str, torch.Tensor], where) -> None:
+    expected = _expected(routers)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"router weights at {where} do not match the routers: missing {missing[:4]}, "
+                          f"unexpected {unexpected[:4]}")
+    for key, param in expected.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise ConfigError(f"router weight {key} at {where} has shape {tuple(tensors[key].shape)}, the router "
+                              f"expects {tuple(param.shape)}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key].to(param.device, param.dtype))
+
+
+def save_routers(model, path, training: dict | None = None) -> Path:
+    """Write the model's router config (and learned weights) for ``apply(model, 'moh', routers=path)``."""
+    routers = routers_of(model)
+    path = Path(os.fspath(path)).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    r = routers[0]
+    meta = {"format": FORMAT, "version": VERSION,
+            "router": {"kind": r.kind, "shared": r.shared, "top_k": r.top_k, "num_heads": r.num_heads},
+            "model": model_info(model), "training": training or {}}
+    if r.kind == "learned":
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _expected(routers).items()}
+        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+MOH = register_method(Method(
+    name="moh",
+    summary="Mixture-of-Head attention: each token uses a subset of the query heads, only those are computed",
+    config_class=MoHConfig,
+    attention=attention,
+    check_model=check_model,
+    attach=attach,
+    detach=detach,
+))
+
+__all__ = ["MoHConfig", "MoHRouter", "aux_loss", "stats", "save_routers", "routers_of", "balance_loss", "head_split"]

@@ -1,0 +1,259 @@
+"""apply(model, "moh"): routers, the routed kernel inside whole models, losses, stats, save/load."""
+import pytest
+import torch
+from conftest import DEVICE, has_triton
+from tiny_models import FAMILIES, build, left_padded_batch
+
+import attn_patch
+from attn_patch.errors import ConfigError, PatchStateError
+from attn_patch.moh import MoHRouter, balance_loss, head_split, routers_of
+
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not has_triton(), reason="no triton"))
+KERNEL = "triton" if has_triton() else "reference"
+
+
+def _model(family, seed, train=False):
+    torch.manual_seed(seed)
+    model = build(family).to(DEVICE)
+    return model.train() if train else model
+
+
+def _loss_and_grads(model, ids, **inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids, use_cache=False, **inputs)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("router", ["norm", "learned"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kernel_equals_reference_in_every_family(family, router, seed):
+    """Logits and every gradient (model and router) on the routed kernel equal the masked reference;
+    the routed model differs from the dense one."""
+    model = _model(family, seed, train=True)
+    ids = torch.randint(1, 90, (2, 37), device=DEVICE)
+    dense, _ = _loss_and_grads(model, ids)
+    got = {}
+    extra = {"routers": "untrained"} if router == "learned" else {}
+    for backend in ("reference", KERNEL):
+        torch.manual_seed(seed)  # same fresh router weights
+        with attn_patch.patched(model, "moh", backend=backend, router=router, active=0.5, **extra):
+            got[backend] = _loss_and_grads(model, ids)
+    (rl, rg), (kl, kg) = got["reference"], got[KERNEL]
+    torch.testing.assert_close(kl, rl, rtol=2e-4, atol=2e-5, msg=f"seed {seed}")
+    assert kg.keys() == rg.keys()
+    for name in rg:
+        torch.testing.assert_close(kg[name], rg[name], rtol=2e-4, atol=3e-5, msg=f"{name}, seed {seed}")
+    if router == "learned":
+        assert any("moh_router" in n for n in rg), "learned routers must receive gradients"
+    assert (rl - dense).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["reference", TRITON])
+def test_all_heads_active_equals_dense(backend, seed):
+    model = _model("llama", seed)
+    ids = torch.randint(1, 90, (2, 29), device=DEVICE)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with attn_patch.patched(model, "moh", backend=backend, active=1.0):
+            routed = model(ids).logits
+            assert attn_patch.stats(model)["active"] == 1.0
+    torch.testing.assert_close(routed, dense, rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
+
+
+def test_head_split():
+    assert head_split(32, 0.75, None, None) == (12, 12)
+    assert head_split(32, 0.5, None, None) == (8, 8)
+    assert head_split(9, 0.75, None, None) == (3, 4)
+    assert head_split(32, None, 16, 8) == (16, 8)  # MoH-LLaMA3
+    assert head_split(8, 1.0, None, None) == (4, 4)
+    with pytest.raises(ConfigError, match="routes nothing"):
+        head_split(8, 0.5, 4, None)
+    with pytest.raises(ConfigError, match="cannot have"):
+        head_split(8, None, 6, 4)
+
+
+def test_balance_loss_by_hand():
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]], [[0.3, 0.3, 0.4], [0.5, 0.25, 0.25]]])
+    picked = probs.topk(2, dim=-1).indices
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, picked, True)
+    # by hand over the 4 tokens: P_i = mean probability, f_i = picks of head i / (4 tokens * top-2)
+    p = [(0.7 + 0.1 + 0.3 + 0.5) / 4, (0.2 + 0.6 + 0.3 + 0.25) / 4, (0.1 + 0.3 + 0.4 + 0.25) / 4]
+    picks = [0, 0, 0]
+    for row in mask.reshape(-1, 3).tolist():
+        for i, on in enumerate(row):
+            picks[i] += on
+    want = 3 * sum(p[i] * picks[i] / 8 for i in range(3))
+    assert balance_loss(probs, mask, 2).item() == pytest.approx(want, rel=1e-6)
+    valid = torch.tensor([[True, False], [True, True]])
+    p3 = [(0.7 + 0.3 + 0.5) / 3, (0.2 + 0.3 + 0.25) / 3, (0.1 + 0.4 + 0.25) / 3]
+    picks3 = [0, 0, 0]
+    for row in mask[valid].tolist():
+        for i, on in enumerate(row):
+            picks3[i] += on
+    want3 = 3 * sum(p3[i] * picks3[i] / 6 for i in range(3))
+    assert balance_loss(probs, mask, 2, valid).item() == pytest.approx(want3, rel=1e-6)
+    uniform = torch.full((5, 4), 0.25)
+    assert balance_loss(uniform, torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]] * 2 + [[1, 0, 1, 0]]).bool(), 2).item() \
+        == pytest.approx(1.0)
+
+
+def test_norm_router_straight_through(seed):
+    """Binary gates (value 1 / 0) whose gradient is the routing probabilities': the query gets a
+    gradient through the gates alone."""
+    router = MoHRouter("norm", 6, 2, 2)
+    q = torch.randn(2, 6, 11, 8, requires_grad=True)
+    gates, mask, probs = router(q)
+    assert torch.equal(gates.detach(), mask.float()), "forward gates are exactly the binary selection"
+    assert mask[..., :2].all() and (mask.sum(-1) == 4).all()
+    norms = q.detach().norm(dim=-1).transpose(1, 2)
+    want = (norms[..., 2:] / norms.std(-1, keepdim=True, correction=0)).topk(2, dim=-1).indices + 2
+    assert torch.equal(mask[..., 2:].nonzero(), torch.zeros_like(mask).scatter_(-1, want, True)[..., 2:].nonzero())
+    (gates * torch.randn_like(gates)).sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0, f"seed {seed}: no straight-through gradient"
+
+
+def test_norm_router_gradient_reaches_query_projection(seed):
+    """In a model, the STE term changes q_proj's gradient (it is the only path besides attention)."""
+    model = _model("llama", seed, train=True)
+    ids = torch.randint(1, 90, (1, 24), device=DEVICE)
+    with attn_patch.patched(model, "moh", backend="reference", active=0.5):
+        _, with_ste = _loss_and_grads(model, ids)
+        r = routers_of(model)[0]
+        orig = MoHRouter.forward
+
+        def no_ste(self, query):
+            gates, mask, probs = orig(self, query)
+            return gates.detach(), mask, probs
+
+        MoHRouter.forward = no_ste
+        try:
+            _, without = _loss_and_grads(model, ids)
+        finally:
+            MoHRouter.forward = orig
+    assert r.kind == "norm"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert (with_ste[name] - without[name]).abs().max() > 1e-7
+
+
+def test_learned_router_starts_near_dense_restricted(seed):
+    """Untrained learned routers weight every computed head by ~1 (zero mixing / shared weights,
+    tiny routing weights)."""
+    router = MoHRouter("learned", 8, 2, 3, hidden_size=16)
+    router._hidden = torch.randn(2, 5, 16)
+    gates, mask, _ = router(torch.randn(2, 8, 5, 4))
+    assert (mask.sum(-1) == 5).all()
+    on = gates[mask]
+    assert torch.allclose(on, torch.ones_like(on), atol=0.05) and (gates[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", TRITON])
+def test_cached_decoding_matches_full_forward(backend, seed):
+    """Routing is per token, so decoding token by token on the KV cache gives the full forward's logits."""
+    model = _model("llama", seed)
+    ids = torch.randint(1, 90, (2, 20), device=DEVICE)
+    with attn_patch.patched(model, "moh", backend=backend, active=0.5), torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :14], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(14, 20):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+        inc = torch.cat(steps, dim=1)
+        gen = model.generate(ids[:, :14], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(inc, full, rtol=2e-4, atol=2e-5, msg=f"seed {seed}")
+    assert gen.shape == (2, 18)
+
+
+@pytest.mark.parametrize("backend", ["reference", TRITON])
+def test_left_padding_row_equals_row_alone(backend, seed):
+    model = _model("qwen2", seed)
+    ids, mask = left_padded_batch([19, 11], 19, torch.Generator().manual_seed(seed))
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    with attn_patch.patched(model, "moh", backend=backend, active=0.5), torch.no_grad():
+        batch = model(ids, attention_mask=mask).logits
+        alone = model(ids[1:, 8:]).logits
+        st = attn_patch.stats(model)
+    torch.testing.assert_close(batch[1, 8:], alone[0], rtol=2e-4, atol=2e-5, msg=f"seed {seed}")
+    # padding is not counted: 19 + 11 real tokens in the batch, 11 alone
+    assert st["layers"][0]["tokens"] == 19 + 11 + 11
+
+
+def test_stats_and_aux_loss(seed):
+    model = _model("llama", seed, train=True)
+    ids = torch.randint(1, 90, (2, 25), device=DEVICE)
+    attn_patch.apply(model, "moh", backend="reference", active=0.5)  # 6 heads: 1 shared + top-2 of 5
+    with pytest.raises(PatchStateError, match="training mode"):
+        attn_patch.aux_loss(model)
+    out = model(ids, labels=ids)
+    aux = attn_patch.aux_loss(model)
+    assert aux.requires_grad and aux.item() > 0
+    # two layers, each about 1 when balanced, times the default weight 0.01
+    assert 0.01 * 2 * 0.5 < aux.item() < 0.01 * 2 * 5
+    (out.loss + aux).backward()
+    st = attn_patch.stats(model)
+    assert st["shared"] == 1 and st["top_k"] == 2 and st["active"] == pytest.approx(0.5)
+    for layer in st["layers"]:
+        assert layer["utilisation"][0] == 1.0 and sum(layer["utilisation"]) == pytest.approx(3.0)
+        assert layer["tokens"] == 50
+    attn_patch.stats(model, reset=True)
+    assert attn_patch.stats(model)["layers"][0]["tokens"] == 0
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    with pytest.raises(PatchStateError):
+        attn_patch.aux_loss(model)  # eval forwards record no loss
+    attn_patch.remove(model)
+
+
+def test_save_load_round_trip_and_strict_loading(tmp_path, seed):
+    from attn_patch.moh import save_routers
+
+    model = _model("llama", seed)
+    ids = torch.randint(1, 90, (1, 30), device=DEVICE)
+    with attn_patch.patched(model, "moh", router="learned", routers="untrained", active=0.5), torch.no_grad():
+        for r in routers_of(model):
+            for p in r.parameters():
+                p.normal_(std=0.3)
+        want = model(ids).logits
+        save_routers(model, tmp_path / "r", training={"steps": 1})
+    with attn_patch.patched(model, "moh", routers=str(tmp_path / "r")), torch.no_grad():
+        got = model(ids).logits
+        assert routers_of(model)[0].kind == "learned"
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ConfigError, match="differ from the routers"):
+        attn_patch.apply(model, "moh", routers=str(tmp_path / "r"), top_k=1)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "r" / "routers.safetensors"))
+    tensors.pop("layers.1.mix.weight")
+    save_file(tensors, str(tmp_path / "r" / "routers.safetensors"))
+    with pytest.raises(ConfigError, match="missing"):
+        attn_patch.apply(model, "moh", routers=str(tmp_path / "r"))
+    other = build("llama", num_hidden_layers=3).to(DEVICE)
+    with pytest.raises(ConfigError, match="another model shape"):
+        attn_patch.apply(other, "moh", routers=str(tmp_path / "r"))
+    assert attn_patch.patch_state(model) is None and attn_patch.patch_state(other) is None
+
+
+def test_config_errors_and_exact_remove(seed):
+    model = _model("gpt2", seed)
+    with pytest.raises(ConfigError, match="needs trained routers"):
+        attn_patch.apply(model, "moh", router="learned")
+    with pytest.raises(ConfigError, match="no weights"):
+        attn_patch.apply(model, "moh", routers="untrained")
+    with pytest.raises(ConfigError, match="no MoH router config"):
+        attn_patch.apply(model, "moh", routers="/nonexistent/routers")
+    with pytest.raises(ConfigError, match="active"):
+        attn_patch.apply(model, "moh", active=1.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = [len(m._forward_pre_hooks) for m in model.modules()]
+    attn_patch.apply(model, "moh", router="learned", routers="untrained")
+    assert any("moh_router" in k for k in model.state_dict())
+    attn_patch.remove(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert [len(m._forward_pre_hooks) for m in model.modules()] == hooks
+    assert "moh" in attn_patch.methods()
