@@ -88,7 +88,8 @@ class MoHConfig(MethodConfig):
 def head_split(num_heads: int, active: float | None, shared: int | None, top_k: int | None) -> tuple[int, int]:
     """(shared, top_k) for a model with ``num_heads`` query heads."""
     if shared is None or top_k is None:
-        n_active = max(1, round((DEFAULT_ACTIVE if active is None else active) * num_heads))
+        # half up (not Python's half-to-even): 50% of 9 heads is 5, never fewer heads than asked for at .5
+        n_active = max(1, int((DEFAULT_ACTIVE if active is None else active) * num_heads + 0.5))
         if shared is None and top_k is None:
             shared = n_active // 2
             top_k = n_active - shared
@@ -264,7 +265,7 @@ def _resolve(model, config: MoHConfig) -> tuple[str, int, int, dict | None, str]
         given = {"router": config.router, "shared": config.shared, "top_k": config.top_k}
         clash = [f"{k}={v!r} (routers: {saved['kind' if k == 'router' else k]!r})" for k, v in given.items()
                  if v is not None and v != saved["kind" if k == "router" else k]]
-        if config.active is not None and round(config.active * info["num_heads"]) != saved["shared"] + saved["top_k"]:
+        if config.active is not None and sum(head_split(info["num_heads"], config.active, None, None)) != saved["shared"] + saved["top_k"]:
             clash.append(f"active={config.active} (routers: {saved['shared'] + saved['top_k']} of "
                          f"{info['num_heads']} heads)")
         if clash:

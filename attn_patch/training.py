@@ -20,6 +20,39 @@ from .evals.common import HelpFormatter  # noqa: F401  (the recipes' --help layo
 HELD_OUT = ("pride_and_prejudice", "news_from_nowhere")
 
 
+def add_loop_arguments(ap, *, lr: float, schedule: str) -> None:
+    """The options every training recipe's loop takes (optimizer, schedule, precision, output,
+    checkpoints), with the recipe's own default learning rate and schedule."""
+    ap.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per process")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--schedule", default=schedule, choices=["constant", "cosine"], help="after warmup")
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--no-gradient-checkpointing", action="store_true")
+    ap.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"],
+                    help="autocast for the forward (default: bf16 on GPU, no on CPU); weights stay fp32")
+    ap.add_argument("--loss-chunk", type=int, default=4096, help="positions per chunk of the output layer + loss")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    ap.add_argument("--stop-at", type=int, help="checkpoint and stop after this step (resume later with --resume)")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of the decoder layers (renamed
+    activation_checkpointing_enable in transformers 5.2x; the old name warns there)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def refuse_held_out(docs, allow: bool) -> None:
     held = [d.name for d in docs if any(h in Path(d.name).name for h in HELD_OUT)]
     if held and not allow:

@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from attn_patch.training import (HelpFormatter, chunked_lm_loss, document_positions, lr_lambda,  # noqa: E402
-                                 refuse_held_out, token_windows, window_index)
+from attn_patch.training import (HelpFormatter, add_loop_arguments, chunked_lm_loss, document_positions,  # noqa: E402
+                                 enable_checkpointing, lr_lambda, refuse_held_out, token_windows, window_index)
 
 # per family: LoRA targets (q, k, v, o projections) and the embeddings and norms trained in full
 LORA_DEFAULTS = {
@@ -82,27 +82,8 @@ def parse_args(argv=None):
     ap.add_argument("--lora-targets", nargs="+", help="module names for LoRA (default: the family's q, k, v, o)")
     ap.add_argument("--trainable", nargs="*", help="modules trained in full, PEFT modules_to_save (default: the "
                                                    "family's embeddings and norms; pass nothing for LoRA only)")
-    ap.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per process")
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
-                    help="after warmup (LongLoRA: constant)")
-    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
-    ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--no-gradient-checkpointing", action="store_true")
-    ap.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"],
-                    help="autocast for the forward (default: bf16 on GPU, no on CPU); weights stay fp32")
-    ap.add_argument("--loss-chunk", type=int, default=4096, help="positions per chunk of the output layer + loss")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    ap.add_argument("--stop-at", type=int, help="checkpoint and stop after this step (resume later with --resume)")
     ap.add_argument("--merge", action="store_true", help="also write OUT/merged, a standalone model")
-    ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
+    add_loop_arguments(ap, lr=2e-4, schedule="constant")  # LongLoRA: constant after warmup
     return ap.parse_args(argv)
 
 
@@ -197,11 +178,7 @@ def main(argv=None) -> int:
     if args.attention != "sdpa":
         attn_patch.apply(model, args.attention, **options)
     if not args.no_gradient_checkpointing:
-        # renamed activation_checkpointing_enable in transformers 5.2x; the old name warns there
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     peft_model = lora_model(model, args)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     windows = token_windows(tokenizer, docs, args.seq_len)

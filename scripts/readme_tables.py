@@ -3,7 +3,8 @@
 
 Takes, for each GPU, the newest row of every (provider, mode, shape, lengths) and writes Markdown
 tables between the ``<!-- results:NAME:start/end -->`` markers of README.md (kernels, e2e: whole-model
-prefill and decode, sparse: block-sparse, train-step: the LongLoRA recipe's step), or prints them
+prefill and decode, sparse: block-sparse, train-step: the LongLoRA recipe's step, moh: head-routed
+attention), or prints them
 with --print.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ BASELINES = ["sdpa-flash", "sdpa-cudnn", "flex"]
 MARKERS = {"kernels": ("<!-- results:kernels:start -->", "<!-- results:kernels:end -->"),
            "e2e": ("<!-- results:e2e:start -->", "<!-- results:e2e:end -->"),
            "sparse": ("<!-- results:sparse:start -->", "<!-- results:sparse:end -->"),
-           "train-step": ("<!-- results:train-step:start -->", "<!-- results:train-step:end -->")}
+           "train-step": ("<!-- results:train-step:start -->", "<!-- results:train-step:end -->"),
+           "moh": ("<!-- results:moh:start -->", "<!-- results:moh:end -->")}
 
 
 def _latest(rows, extra=lambda e: e):
@@ -184,6 +186,37 @@ def train_step_tables(rows) -> str:
     return "\n".join(out)
 
 
+def moh_tables(rows) -> str:
+    """Head-routed (MoH) attention against our dense kernel (scripts/bench_moh.py)."""
+    latest = _latest([r for r in rows if r.get("bench") == "moh"], extra=lambda e: e.split(",")[0])
+    out = []
+    for gpu in sorted({k[0] for k in latest}):
+        mine = {k: v for k, v in latest.items() if k[0] == gpu}
+        r0 = next(iter(mine.values()))
+        out.append(f"**{gpu}**, torch {r0['torch']}, triton {r0['triton']}, {r0['dtype']}, batch 1, "
+                   f"{r0['heads_q']} q / {r0['heads_kv']} KV heads, d={r0['head_dim']}, causal; median ms and, in "
+                   "brackets, the time relative to our dense kernel (lower is better). \"moh\" includes compacting "
+                   "the head mask; \"masked\" is dense then zeroing the unselected heads (the reference MoH code)\n")
+        out.append("| pass | N | dense (ours) | SDPA cuDNN | MoH 75% | MoH 50% | masked 50% |")
+        out.append("|---|---|---|---|---|---|---|")
+        for mode in ("fwd", "fwdbwd"):
+            for n in sorted({int(k[5]) for k in mine if k[2] == mode}):
+                here = {(k[1], k[3]): v for k, v in mine.items() if k[2] == mode and int(k[5]) == n}
+                dense = next((v for (p, _), v in here.items() if p == "dense"), None)
+                cudnn = next((v for (p, _), v in here.items() if p == "sdpa-cudnn"), None)
+                if dense is None:
+                    continue
+                base = float(dense["median_ms"])
+
+                def rel(r):
+                    return f"{float(r['median_ms']):.2f} ms ({float(r['median_ms']) / base:.2f}x)" if r else "-"
+                out.append(f"| {'forward' if mode == 'fwd' else 'fwd+bwd'} | {n} | {base:.2f} ms | {rel(cudnn)} | "
+                           f"{rel(here.get(('moh', 'ratio=0.75')))} | {rel(here.get(('moh', 'ratio=0.5')))} | "
+                           f"{rel(here.get(('masked', 'ratio=0.5')))} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _extra_text(row, name):
     for part in row["extra"].split(","):
         if part.startswith(name + "="):
@@ -199,7 +232,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows = read_rows(args.results)
     texts = {"kernels": tables(rows), "e2e": e2e_tables(rows), "sparse": sparse_tables(rows),
-             "train-step": train_step_tables(rows)}
+             "train-step": train_step_tables(rows), "moh": moh_tables(rows)}
     if args.print:
         print("\n\n".join(texts.values()))
         return

@@ -65,6 +65,7 @@ def test_head_split():
     assert head_split(32, 0.75, None, None) == (12, 12)
     assert head_split(32, 0.5, None, None) == (8, 8)
     assert head_split(9, 0.75, None, None) == (3, 4)
+    assert head_split(9, 0.5, None, None) == (2, 3)  # 4.5 heads: rounded up
     assert head_split(32, None, 16, 8) == (16, 8)  # MoH-LLaMA3
     assert head_split(8, 1.0, None, None) == (4, 4)
     with pytest.raises(ConfigError, match="routes nothing"):

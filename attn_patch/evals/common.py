@@ -48,10 +48,15 @@ class MethodSpec:
 
 def take_stats(model) -> dict | None:
     """What the patched method measured since the last call (seer: achieved block density overall
-    and per layer, sparse / dense call counts), then reset; None when there is nothing to report."""
+    and per layer, sparse / dense call counts; moh: active-head ratio and per-head utilisation per
+    layer), then reset; None when there is nothing to report."""
     import attn_patch
 
     state = attn_patch.patch_state(model)
+    if state is not None and state.method == "moh":
+        st = attn_patch.stats(model, reset=True)
+        return {"active": st["active"], "shared": st["shared"], "top_k": st["top_k"], "router": st["router"],
+                "layer_utilisation": [layer["utilisation"] for layer in st["layers"]]}
     if state is None or state.method != "seer":
         return None
     st = attn_patch.stats(model, reset=True)

@@ -1,0 +1,313 @@
+"""Continue-tune a model into Mixture-of-Head attention (MoH): each token uses a subset of the query
+heads, only those are computed, and a load-balance loss keeps the routed heads in use.
+
+    # SmolLM2 at 75% of the heads (parameter-free norm router, all weights train)
+    accelerate launch --config_file recipes/configs/single_gpu.yaml recipes/moh_train.py \\
+        --data ../shared/data/books/moby_dick.txt ../shared/data/books/jack_sheppard.txt \\
+        --active 0.75 --seq-len 4096 --steps 300 --out runs/moh75
+
+    # the dense model fine-tuned on the same tokens (the baseline MoH is judged against)
+    accelerate launch ... recipes/moh_train.py --dense --data ... --steps 300 --out runs/dense
+
+    # two GPUs, data parallel
+    accelerate launch --config_file recipes/configs/ddp_2gpu.yaml recipes/moh_train.py ...
+
+The model is patched with ``attn_patch.apply(model, "moh", router=..., active=...)`` (``--dense``:
+``"flash"``, the same kernel family computing every head). Routers start close to the dense model:
+the norm router has no weights (it ranks heads by their query norms, which the pretrained model
+already has), untrained learned routers weight every computed head by ~1. ``--train`` picks what
+learns: ``all`` (default), ``attention`` (the attention modules: projections and routers) or
+``routers`` (learned routers only). The loss is the next-token NLL (chunked, so the [tokens,
+vocab] logits never exist at once) plus ``attn_patch.aux_loss(model)``, the load-balance loss
+(weight ``--balance-weight``, default 0.01). Gradient checkpointing, fp32 weights with bf16 autocast
+on GPU, AdamW (0.9, 0.95), warmup then cosine (or constant).
+
+Text comes from local files / directories / globs or ``hf:NAME[:CONFIG][@SPLIT]`` (``datasets``),
+packed with EOS between documents into windows of ``--seq-len`` tokens; the window order is a seeded
+permutation with ranks taking disjoint windows, so ``--resume`` continues exactly.
+
+Output (``--out``): ``model/`` (the tuned weights as a standalone transformers model + tokenizer),
+``routers/`` (router config and, for learned routers, weights: ``attn_patch.apply(model, "moh",
+routers=OUT/routers)`` on ``model/`` is the MoH model), ``attn_patch.json`` (settings and training
+summary), ``log.jsonl`` (NLL, load-balance loss, learning rate, tokens, step time, peak memory, and
+the head utilisation of the last batch), ``checkpoint/`` (trainable weights, optimizer, scheduler).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+from attn_patch.training import (HelpFormatter, add_loop_arguments, chunked_lm_loss, enable_checkpointing,  # noqa: E402
+                                 lr_lambda, refuse_held_out, token_windows, window_index)
+
+RUN_FILE = "attn_patch.json"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", nargs="+", required=True, help="text files, directories, globs or hf:NAME")
+    ap.add_argument("--text-field", default="text", help="column of a datasets dataset")
+    ap.add_argument("--allow-eval-text", action="store_true", help="allow training on the held-out evaluation books")
+    ap.add_argument("--dense", action="store_true", help="train the dense model instead (method 'flash'): the "
+                                                         "baseline with the same data, tokens and schedule")
+    ap.add_argument("--router", default="norm", choices=["norm", "learned"])
+    ap.add_argument("--active", type=float, help="fraction of the query heads per token (default 0.75)")
+    ap.add_argument("--shared", type=int, help="always-on heads (default: half the active heads)")
+    ap.add_argument("--top-k", type=int, help="routed heads per token (default: active minus shared)")
+    ap.add_argument("--balance-weight", type=float, default=0.01, help="weight of the load-balance loss")
+    ap.add_argument("--train", default="all", choices=["all", "attention", "routers"],
+                    help="parameters that learn (routers: learned routers only)")
+    ap.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence")
+    ap.add_argument("--router-lr", type=float, help="learning rate of learned routers (default: 10x --lr)")
+    ap.add_argument("--no-save-model", action="store_true", help="skip OUT/model (e.g. --train routers)")
+    add_loop_arguments(ap, lr=5e-5, schedule="cosine")
+    return ap.parse_args(argv)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """The model and a chunked next-token loss in one module, so DDP sees one forward; returns
+    (summed NLL, predicted tokens, load-balance loss)."""
+
+    def __init__(self, model, chunk: int, moh: bool):
+        super().__init__()
+        self.model, self.chunk, self.moh = model, chunk, moh
+
+    def forward(self, input_ids):
+        import attn_patch
+
+        hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        nll, count = chunked_lm_loss(hidden, self.model.get_output_embeddings(), input_ids, self.chunk)
+        aux = attn_patch.aux_loss(self.model) if self.moh else hidden.new_zeros(())
+        return nll, count, aux
+
+
+def trainable(model, what: str, moh: bool) -> list[tuple[str, torch.nn.Parameter]]:
+    from attn_patch.families import attention_modules
+
+    if what == "all":
+        chosen = list(model.named_parameters())
+    else:
+        keep = set()
+        for m in attention_modules(model):
+            target = getattr(m, "moh_router", None) if what == "routers" else m
+            if target is not None:
+                keep |= {id(p) for p in target.parameters()}
+        chosen = [(n, p) for n, p in model.named_parameters() if id(p) in keep]
+    if not chosen:
+        raise SystemExit(f"--train {what}: nothing to train" + (" (the norm router has no weights; use "
+                                                                 "--router learned or --train attention)" if moh else ""))
+    return chosen
+
+
+def _standalone():
+    spec = importlib.util.spec_from_file_location("longlora_merge", Path(__file__).with_name("longlora_merge.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.standalone
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file, save_file
+
+    import attn_patch
+    from attn_patch.evals.common import load_model, progress
+    from attn_patch.evals.text import load_texts
+    from attn_patch.moh import save_routers
+
+    if args.dense and (args.router != "norm" or args.active or args.shared is not None or args.top_k is not None):
+        raise SystemExit("--dense trains the dense model: drop the MoH options")
+    cuda = torch.cuda.is_available()
+    precision = args.mixed_precision or ("bf16" if cuda else "no")
+    accelerator = Accelerator(mixed_precision=precision)
+    set_seed(args.seed)
+    out = Path(args.out)
+    docs = load_texts(args.data, text_field=args.text_field)
+    refuse_held_out(docs, args.allow_eval_text)
+    device = accelerator.device
+    model, tokenizer = load_model(args.model, device=str(device), dtype="float32")
+    model.config.use_cache = False
+    options = {}
+    if args.dense:
+        method = "flash"
+    else:
+        method = "moh"
+        options = {"router": args.router, "balance_weight": args.balance_weight}
+        options.update({k: v for k, v in (("active", args.active), ("shared", args.shared), ("top_k", args.top_k))
+                        if v is not None})
+        if args.router == "learned":
+            options["routers"] = "untrained"
+    attn_patch.apply(model, method, **options)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    named = trainable(model, args.train, not args.dense)
+    for _, p in named:
+        p.requires_grad_(True)
+    if not args.no_gradient_checkpointing:
+        enable_checkpointing(model)
+    windows = token_windows(tokenizer, docs, args.seq_len)
+    router_params = [p for n, p in named if "moh_router" in n]
+    other_params = [p for n, p in named if "moh_router" not in n]
+    groups = [g for g in ({"params": other_params, "lr": args.lr},
+                          {"params": router_params, "lr": args.router_lr or 10 * args.lr}) if g["params"]]
+    n_params = sum(p.numel() for _, p in named)
+    moh = method == "moh"
+    accelerator.print(f"{len(docs)} documents -> {windows.shape[0]} windows of {args.seq_len} tokens; "
+                      f"{n_params / 1e6:.2f} M trainable parameters ({args.train}); method {method} {options}; "
+                      f"{accelerator.num_processes} process(es)")
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.warmup, args.steps, args.min_lr_ratio, args.schedule))
+    wrapper, optimizer, scheduler = accelerator.prepare(CausalLMLoss(model, args.loss_chunk, moh), optimizer,
+                                                        scheduler)
+    ckpt = out / "checkpoint"
+    start = 0
+    if args.resume:
+        if not (ckpt / "trainer_state.pt").is_file():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+        saved = load_file(ckpt / "trainable.safetensors", device=str(device))
+        names = {n for n, _ in named}
+        if set(saved) != names:
+            raise SystemExit(f"--resume: the checkpoint's parameters differ from this run's: "
+                             f"{sorted(set(saved) ^ names)[:4]}")
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(saved[n])
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        accelerator.print(f"resumed from {ckpt} at step {start}")
+
+    tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * accelerator.num_processes
+    run_info = {"recipe": "recipes/moh_train.py", "model": args.model, "method": method, "options": options,
+                "seq_len": args.seq_len, "train": args.train}
+
+    def training_info(step: int, final: dict | None = None) -> dict:
+        return {"step": step, "tokens": step * tokens_per_step, "data": [Path(d).name for d in args.data],
+                "lr": args.lr, "router_lr": args.router_lr or 10 * args.lr, "schedule": args.schedule,
+                "warmup": args.warmup, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                "processes": accelerator.num_processes, "mixed_precision": precision, **(final or {})}
+
+    def checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            save_file({n: p.detach().contiguous() for n, p in named}, str(ckpt / "trainable.safetensors"))
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "args": vars(args)}, ckpt / "trainer_state.pt")
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
+    bar = progress(total=args.steps, initial=start, desc=f"moh ({method})", disable=not accelerator.is_main_process)
+    wrapper.train()
+    t0 = time.perf_counter()
+    first = last = None
+    step_times: list[float] = []
+    interval_nll, interval_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    interval_aux = torch.zeros((), device=device)
+    interval_steps = 0
+    stop = min(args.steps, args.stop_at or args.steps)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(start, stop):
+        t_step = time.perf_counter()
+        for a in range(args.grad_accum):
+            micro = step * args.grad_accum + a
+            idx = window_index(micro, accelerator.process_index, accelerator.num_processes, args.batch_size,
+                               windows.shape[0], args.seed)
+            ids = windows[idx].to(device)
+            sync = a == args.grad_accum - 1
+            ctx = accelerator.no_sync(wrapper) if not sync and accelerator.num_processes > 1 else nullcontext()
+            with ctx:
+                nll, count, aux = wrapper(ids)
+                accelerator.backward((nll / count + aux) / args.grad_accum)
+            interval_nll += nll.detach()
+            interval_tokens += count
+            interval_aux += aux.detach() / args.grad_accum
+        interval_steps += 1
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_([p for _, p in named], args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t_step)
+        done = step + 1
+        if done % args.log_every == 0 or done == stop or done == start + 1:
+            nll_sum = accelerator.reduce(interval_nll, reduction="sum")
+            tok_sum = accelerator.reduce(interval_tokens, reduction="sum")
+            aux_mean = accelerator.reduce(interval_aux, reduction="mean") / interval_steps
+            value = float(nll_sum / tok_sum)
+            first = value if first is None else first
+            last = value
+            if accelerator.is_main_process:
+                rec = {"step": done, "loss": round(value, 5), "aux": round(float(aux_mean), 6),
+                       "lr": scheduler.get_last_lr()[0], "tokens": done * tokens_per_step,
+                       "elapsed_s": round(time.perf_counter() - t0, 1), "step_s": round(step_times[-1], 4)}
+                if moh:
+                    st = attn_patch.stats(model, reset=True)
+                    rec["active"] = st["active"]
+                    util = [u for layer in st["layers"] for u in layer["utilisation"][st["shared"]:]]
+                    rec["routed_util_min_max"] = [round(min(util), 4), round(max(util), 4)] if util else None
+                if cuda:
+                    rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix_str(f"loss {value:.4f}")
+            interval_nll.zero_()
+            interval_tokens.zero_()
+            interval_aux.zero_()
+            interval_steps = 0
+        bar.update(1)
+        if args.save_every and done % args.save_every == 0 and done < stop:
+            checkpoint(done)
+    bar.close()
+    checkpoint(stop)
+    if stop < args.steps:
+        accelerator.print(f"stopped at step {stop} of {args.steps}; continue with --resume")
+        accelerator.end_training()
+        return 0
+    elapsed = time.perf_counter() - t0
+    final = {"first_loss": first, "final_loss": last, "train_seconds": round(elapsed, 1),
+             "median_step_s": round(statistics.median(step_times[1:] or step_times), 4) if step_times else None,
+             "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+    if cuda:
+        final["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = {**run_info, "training": training_info(args.steps, final)}
+        if moh:
+            save_routers(model, out / "routers", training=info["training"])
+        attn_patch.remove(model)
+        if not args.no_save_model:
+            standalone = _standalone()(model)
+            standalone.config.use_cache = True
+            standalone.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+        (out / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        accelerator.print(f"saved {out} ({args.steps - start} steps, {elapsed:.1f} s, "
+                          f"{(args.steps - start) * tokens_per_step} tokens; loss {first} -> {last})")
+    if log is not None:
+        log.close()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
