@@ -164,13 +164,12 @@ class MoHRouter(nn.Module):
         picked = probs.topk(self.top_k, dim=-1).indices
         hard = torch.zeros_like(probs).scatter_(-1, picked, 1.0)
         mask[..., self.shared:] = hard.bool()
+        shared = torch.ones(b, t, self.shared, device=query.device)
         if self.kind == "norm":
             routed = hard + (probs - probs.detach())  # exactly 1 / 0, gradient of the probabilities
-            shared = torch.ones(b, t, self.shared, device=query.device)
         else:
             sel = probs * hard
             routed = sel * (self.top_k / sel.sum(-1, keepdim=True).clamp_min(1e-9))
-            shared = torch.ones(b, t, self.shared, device=query.device)
             if self.shared_score is not None:
                 hidden = self._hidden.to(self.route.weight.dtype)
                 mix = 2.0 * torch.softmax(self.mix(hidden).float(), dim=-1)

@@ -76,10 +76,10 @@ def _span_key_ranges(r_lo, r_end, q_offset, window, TK,
 
 
 @triton.jit
-def _tile_rows(ROWS, CNT, pid_bh, s0, TQ, BLOCK_M: tl.constexpr):
-    """The rows of list slots [s0, s0 + BLOCK_M): slots past the count repeat the last row (a valid
-    address whose result is never stored). Returns (slots, slot_ok, rows, first row, last row)."""
-    cnt = tl.load(CNT + pid_bh)
+def _tile_rows(ROWS, cnt, pid_bh, s0, TQ, BLOCK_M: tl.constexpr):
+    """The rows of list slots [s0, s0 + BLOCK_M) of a list of ``cnt`` rows: slots past the count repeat
+    the last row (a valid address whose result is never stored). Returns (slots, slot_ok, rows, first
+    row, last row)."""
     slots = s0 + tl.arange(0, BLOCK_M)
     s_ok = slots < cnt
     last = tl.minimum(s0 + BLOCK_M, cnt) - 1
@@ -107,12 +107,13 @@ def _moh_fwd(Q, K, V, O, LSE, KPM, DM, ROWS, CNT,
     pid_bh = tl.program_id(0)
     # last slots first: their rows are the latest positions and see the most keys
     s0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    if s0 >= tl.load(CNT + pid_bh):
+    cnt = tl.load(CNT + pid_bh)
+    if s0 >= cnt:
         return
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
-    slots, s_ok, rows, r_first, r_last = _tile_rows(ROWS, CNT, pid_bh, s0, TQ, BLOCK_M)
+    slots, s_ok, rows, r_first, r_last = _tile_rows(ROWS, cnt, pid_bh, s0, TQ, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
@@ -154,11 +155,12 @@ def _moh_delta(O, DO, DELTA, ROWS, CNT, stride_ob, stride_oh, stride_om, stride_
                HQ, TQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_bh = tl.program_id(0)
     s0 = tl.program_id(1) * BLOCK_M
-    if s0 >= tl.load(CNT + pid_bh):
+    cnt = tl.load(CNT + pid_bh)
+    if s0 >= cnt:
         return
     b = pid_bh // HQ
     h = pid_bh % HQ
-    slots, s_ok, rows, r_first, r_last = _tile_rows(ROWS, CNT, pid_bh, s0, TQ, BLOCK_M)
+    slots, s_ok, rows, r_first, r_last = _tile_rows(ROWS, cnt, pid_bh, s0, TQ, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = s_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0)
@@ -185,12 +187,13 @@ def _moh_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, DM, ROWS, CNT,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
     s0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    if s0 >= tl.load(CNT + pid_bh):
+    cnt = tl.load(CNT + pid_bh)
+    if s0 >= cnt:
         return
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
-    slots, s_ok, rows, r_first, r_last = _tile_rows(ROWS, CNT, pid_bh, s0, TQ, BLOCK_M)
+    slots, s_ok, rows, r_first, r_last = _tile_rows(ROWS, cnt, pid_bh, s0, TQ, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
