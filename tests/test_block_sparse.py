@@ -183,6 +183,29 @@ def test_density_one_equals_dense_flash(seed, causal, tq, tk):
         assert rel_err(g, dg) < 1e-5, f"seed {seed}: d{name} rel err {rel_err(g, dg):.2e}"
 
 
+@pytest.mark.parametrize("case", ["causal", "chunk", "padding"])
+def test_rows_fastest_grid_order(seed, case):
+    """The tiles-first launch order (programs in flight share a head) gives the same results,
+    forward and backward."""
+    from attn_patch.kernels import block_sparse
+
+    tq, tk, q_offset, mask = 70, 70, None, {}
+    if case == "chunk":
+        tq, q_offset = 21, 40
+    if case == "padding":
+        mask["key_padding"] = torch.rand(2, tk, device=DEVICE) > 0.3
+    q, k, v = _inputs(2, 6, 2, tq, tk, 32, torch.float32)
+    sel = _random_selection(2, 6, tq, tk, 16, q_offset=q_offset, future=0.2)
+    idx, cnt = _lists(sel)
+    for kind in ("fwd", "dq", "dkdv"):
+        block_sparse.TILES[(kind, 16)] = (16, 16, 4, 1, True)
+    try:
+        _run_and_compare(seed, q, k, v, idx, cnt, 16, torch.float32, causal=True, q_offset=q_offset, **mask)
+    finally:
+        for kind in ("fwd", "dq", "dkdv"):
+            del block_sparse.TILES[(kind, 16)]
+
+
 def test_transposed_lists(seed):
     """The CSR of query blocks per key block, against a plain loop over the lists."""
     from attn_patch.kernels.block_sparse import transposed_lists

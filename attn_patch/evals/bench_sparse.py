@@ -179,6 +179,52 @@ def summary(rows) -> str:
     return "\n".join(lines)
 
 
+def sweep_tiles(n, density, block_size, heads, d, dtype, specs: list[str], seed=0) -> None:
+    """Time the block-sparse kernels under other launch settings, print only (the defaults in
+    kernels/block_sparse.py come from such sweeps). A spec is KIND:MxNxWxS[:rows]: KIND fwd (times the
+    forward) or dq / dkdv (times the backward pass); BLOCK_M x BLOCK_N x warps x stages; ``rows``
+    launches tiles-first. Each result is checked against the default settings'."""
+    from ..kernels import block_sparse
+    from ..kernels.block_sparse import block_sparse_attention
+
+    hq, hkv = heads
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
+               for h in (hq, hkv, hkv))
+    nb = -(-n // block_size)
+    idx, cnt = random_selection(1, hq, nb, nb, density, "cuda", g)
+    do = torch.randn_like(q)
+
+    def run(kind):
+        if kind == "fwd":
+            with torch.no_grad():
+                return [block_sparse_attention(q, k, v, idx, cnt, block_size=block_size)[0]]
+        out = block_sparse_attention(q, k, v, idx, cnt, block_size=block_size)[0]
+        return list(torch.autograd.grad(out, (q, k, v), do))
+
+    want = {kind: run(kind) for kind in ("fwd", "dq")}
+    want["dkdv"] = want["dq"]
+    for spec in specs:
+        kind, _, rest = spec.partition(":")
+        tile, _, order = rest.partition(":")
+        cfg = (*(int(x) for x in tile.lower().split("x")), order == "rows")
+        block_sparse.TILES[(kind, block_size)] = cfg
+        try:
+            got = run(kind)
+            err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got, want[kind]))
+            if kind == "fwd":
+                ms = time_cuda(lambda: run("fwd"))[0]
+            else:
+                out = block_sparse_attention(q, k, v, idx, cnt, block_size=block_size)[0]
+                ms = time_cuda(lambda: out.backward(do, retain_graph=True), grad_to_none=[q, k, v])[0]
+            print(f"# {spec:22s} N={n} density {density} block {block_size}: {ms:.3f} ms "
+                  f"(rel. diff to default {err:.1e})", flush=True)
+        except Exception as exc:  # noqa: BLE001  (a setting that does not compile is reported)
+            print(f"# {spec}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        finally:
+            del block_sparse.TILES[(kind, block_size)]
+
+
 def add_arguments(ap) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.5])
@@ -191,6 +237,9 @@ def add_arguments(ap) -> None:
                     help="fwd: forward passes; bwd: the backward pass alone (gate / ground truth are forward-only)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "kernels.csv"), help="results CSV to append to")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--tiles", nargs="+", default=None, metavar="KIND:MxNxWxS[:rows]",
+                    help="instead of the benchmark: time the kernels under these launch settings (fwd, dq or dkdv; "
+                         "BLOCK_M x BLOCK_N x warps x stages; ':rows' launches tiles-first), print only")
 
 
 def run(args) -> int:
@@ -199,6 +248,12 @@ def run(args) -> int:
     env = environment()
     dtype = getattr(torch, args.dtype)
     print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}")
+    if args.tiles:
+        for n in args.lengths:
+            for bs in args.block_sizes:
+                for density in args.densities:
+                    sweep_tiles(n, density, bs, tuple(args.heads), args.head_dim, dtype, args.tiles)
+        return 0
     rows = []
     for n in args.lengths:
         for bs in args.block_sizes:
