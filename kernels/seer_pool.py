@@ -22,43 +22,50 @@ def _pool(X, COS, SIN, KPM, OUT,
           stride_xb, stride_xh, stride_xt, stride_cb, stride_ct, stride_kb, stride_kt,
           H, T, NB, lead,
           HEAD_DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-          UNROPE: tl.constexpr, HAS_KPM: tl.constexpr, MINMAX: tl.constexpr):
+          UNROPE: tl.constexpr, HAS_KPM: tl.constexpr, MINMAX: tl.constexpr, HEADS: tl.constexpr):
+    """One block of rows for HEADS heads: the rows' mask and the cos/sin tile are loaded once and
+    the loop over heads lets the loads of the next head overlap this one's reductions."""
     pid = tl.program_id(0)
-    nb = tl.program_id(1)
-    b = pid // H
-    h = pid % H
+    b = pid // NB
+    nb = pid % NB
+    h0 = tl.program_id(1) * HEADS
     rows = nb * BLOCK + tl.arange(0, BLOCK) - lead
     offs_d = tl.arange(0, BLOCK_D)
     ok = (rows >= 0) & (rows < T)
     if HAS_KPM:
         ok = ok & (tl.load(KPM + b * stride_kb + rows * stride_kt, mask=ok, other=0) != 0)
     d_ok = offs_d < HEAD_DIM
-    base = X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xt
-    x = tl.load(base + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    n = tl.sum(ok.to(tl.float32), 0)
     if UNROPE:
         half: tl.constexpr = ROT // 2
         rot = offs_d < ROT
         partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
         sign = tl.where(offs_d < half, -1.0, 1.0)
         m2 = ok[:, None] & rot[None, :]
-        xp = tl.load(base + partner[None, :], mask=m2, other=0.0).to(tl.float32) * sign[None, :]
         cbase = b * stride_cb + rows[:, None] * stride_ct + offs_d[None, :]
         c = tl.load(COS + cbase, mask=m2, other=1.0).to(tl.float32)
-        s = tl.load(SIN + cbase, mask=m2, other=0.0).to(tl.float32)
-        # x = pre * c + rotate_half(pre) * s  =>  pre = (x * c - rotate_half(x) * s) / (c^2 + s^2)
-        x = tl.where(rot[None, :], (x * c - xp * s) / (c * c + s * s), x)
-    n = tl.sum(ok.to(tl.float32), 0)
-    avg = tl.sum(x, 0) / tl.maximum(n, 1.0)
-    out = OUT + (pid * NB + nb) * (3 * HEAD_DIM if MINMAX else HEAD_DIM)
-    if MINMAX:
-        has = n > 0
-        mx = tl.max(tl.where(ok[:, None], x, float("-inf")), 0)
-        mn = tl.min(tl.where(ok[:, None], x, float("inf")), 0)
-        tl.store(out + offs_d, tl.where(has, mx, 0.0), mask=d_ok)
-        tl.store(out + HEAD_DIM + offs_d, tl.where(has, mn, 0.0), mask=d_ok)
-        tl.store(out + 2 * HEAD_DIM + offs_d, avg, mask=d_ok)
-    else:
-        tl.store(out + offs_d, avg, mask=d_ok)
+        s = tl.load(SIN + cbase, mask=m2, other=0.0).to(tl.float32) * sign[None, :]
+        inv = 1.0 / (c * c + s * s)
+    for hh in range(HEADS):
+        h = h0 + hh
+        dl = offs_d < tl.where(h < H, HEAD_DIM, 0)  # channels of a real head
+        base = X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xt
+        x = tl.load(base + offs_d[None, :], mask=ok[:, None] & dl[None, :], other=0.0).to(tl.float32)
+        if UNROPE:
+            xp = tl.load(base + partner[None, :], mask=m2 & dl[None, :], other=0.0).to(tl.float32)
+            # x = pre * c + rotate_half(pre) * s  =>  pre = (x * c - rotate_half(x) * s) / (c^2 + s^2)
+            x = tl.where(rot[None, :], (x * c - xp * s) * inv, x)
+        avg = tl.sum(x, 0) / tl.maximum(n, 1.0)
+        out = OUT + ((b * H + h) * NB + nb) * (3 * HEAD_DIM if MINMAX else HEAD_DIM)
+        if MINMAX:
+            has = n > 0
+            mx = tl.max(tl.where(ok[:, None], x, float("-inf")), 0)
+            mn = tl.min(tl.where(ok[:, None], x, float("inf")), 0)
+            tl.store(out + offs_d, tl.where(has, mx, 0.0), mask=dl)
+            tl.store(out + HEAD_DIM + offs_d, tl.where(has, mn, 0.0), mask=dl)
+            tl.store(out + 2 * HEAD_DIM + offs_d, avg, mask=dl)
+        else:
+            tl.store(out + offs_d, avg, mask=dl)
 
 
 _POOL = CachedLauncher(_pool)
@@ -93,13 +100,14 @@ def pool_blocks_fused(x: torch.Tensor, block_size: int, *, minmax: bool, lead: i
         kpm, stride_kb, stride_kt = out, 0, 0
     args = (x, cos, sin, kpm, out, x.stride(0), x.stride(1), x.stride(2), stride_cb, stride_ct, stride_kb, stride_kt,
             h, t, nb, int(lead))
+    heads = 2 if _INTERPRETING else min(8, h)
     meta = dict(HEAD_DIM=d, ROT=rot, BLOCK_D=max(16, _next_pow2(d)), BLOCK=block_size, UNROPE=unrope,
-                HAS_KPM=key_padding is not None, MINMAX=bool(minmax))
-    grid = (b * h, nb)
+                HAS_KPM=key_padding is not None, MINMAX=bool(minmax), HEADS=heads)
+    grid = (b * nb, -(-h // heads))
     if _INTERPRETING:
         _pool[grid](*args, **meta)
     else:
-        _POOL(grid, args, meta, 4, 1)
+        _POOL(grid, args, meta, 4, 2)
     return out
 
 

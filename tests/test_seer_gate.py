@@ -120,9 +120,45 @@ def test_select_blocks(seed):
     assert 0.2 < float(achieved_density(cnt, 8).mean()) < 0.7
     idx, cnt = select_blocks(probs, threshold=2.0, keep_sink=False)  # nothing passes: diagonal only
     assert (cnt == 1).all() and (idx[..., 0] == torch.arange(8)).all()
+    # a floor: with a threshold nothing passes, min_density keeps exactly density's top-k; with one
+    # that some blocks pass, the union of both
+    for d in (0.3, 0.6):
+        want = select_blocks(probs, density=d)
+        got = select_blocks(probs, threshold=2.0, min_density=d)
+        assert torch.equal(got[1], want[1]) and all(
+            got[0][b, h, i, : got[1][b, h, i]].tolist() == want[0][b, h, i, : want[1][b, h, i]].tolist()
+            for b in range(2) for h in range(3) for i in range(8))
+    thr = select_blocks(probs, threshold=0.2)[1]
+    both = select_blocks(probs, threshold=0.2, min_density=0.6)[1]
+    assert (both >= torch.maximum(thr, select_blocks(probs, density=0.6)[1])).all() and (both > thr).any()
     with pytest.raises(ValueError, match="exactly one"):
         select_blocks(probs)
+    with pytest.raises(ValueError, match="exactly one"):
+        select_blocks(probs, density=0.2, top_p=0.9)
     assert topk_for_density(1.0, 10) == 10 and topk_for_density(0.19, 10) == 1
+
+
+def test_top_p_selection(seed):
+    """top_p keeps, per row, the fewest blocks whose probabilities reach the mass (sink and diagonal
+    first, then by probability), checked against a loop over the rows."""
+    probs = torch.softmax(3 * torch.randn(2, 3, 9, 9).masked_fill(~block_causal_mask(9, 9), float("-inf")), -1)
+    for p in (0.3, 0.8, 1.0):
+        idx, cnt = select_blocks(probs, top_p=p)
+        for b in range(2):
+            for h in range(3):
+                for i in range(9):
+                    row = probs[b, h, i, : i + 1].tolist()
+                    forced = sorted({0, i})
+                    rest = sorted((j for j in range(i + 1) if j not in forced), key=lambda j: -row[j])
+                    want, mass = list(forced), sum(row[j] for j in forced)  # always kept
+                    for j in rest:
+                        if mass >= p and p < 1.0:
+                            break
+                        want.append(j)
+                        mass += row[j]
+                    assert idx[b, h, i, : cnt[b, h, i]].tolist() == sorted(want), (p, b, h, i)
+    dens = [float(achieved_density(select_blocks(probs, top_p=p)[1], 9).mean()) for p in (0.3, 0.8, 1.0)]
+    assert dens[0] < dens[1] < dens[2] == 1.0
 
 
 def test_benchmark_selection_and_flex_block_mask(seed):

@@ -79,21 +79,80 @@ def test_fused_topk_selection_matches_reference(seed, nq, nk, k, sink, diag):
     probs = torch.softmax(scores.masked_fill(~torch.ones(nq, nk, dtype=torch.bool, device=DEVICE).tril(nk - nq),
                                              float("-inf")), -1)
     ridx, rcnt = _select_k(select_blocks, probs, k, sink, diag)
+    _assert_same_lists(idx, cnt, ridx, rcnt)
+
+
+def _assert_same_lists(idx, cnt, ridx, rcnt):
+    """Same counts, same blocks in each row's valid slots, zeros past the count."""
     assert torch.equal(cnt, rcnt), (cnt, rcnt)
-    for b in range(2):
-        for h in range(3):
-            for i in range(nq):
-                n = int(cnt[b, h, i])
-                assert idx[b, h, i, :n].tolist() == ridx[b, h, i, :n].tolist()
-                assert (idx[b, h, i, n:] == 0).all()
+    for row in range(cnt.numel()):
+        n = int(cnt.flatten()[row])
+        got, want = idx.flatten(0, 2)[row], ridx.flatten(0, 2)[row]
+        assert got[:n].tolist() == want[:n].tolist() and (got[n:] == 0).all(), row
 
 
-def _select_k(select_blocks, probs, k, sink, diag):
+def _select_k(select_blocks, probs, k, sink, diag, threshold=None):
+    """select_blocks with exactly k blocks per row for density (or as the floor of a threshold)."""
     import attn_patch.seer.blocks as blocks
 
     saved = blocks.topk_for_layout
     blocks.topk_for_layout = lambda *a: k
     try:
+        if threshold is not None:
+            return select_blocks(probs, threshold=threshold, min_density=0.5, keep_sink=sink, keep_diagonal=diag)
         return select_blocks(probs, density=0.5, keep_sink=sink, keep_diagonal=diag)
     finally:
         blocks.topk_for_layout = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k_proj_per,q_proj,rope,nq,nk", [("head", False, 10000.0, 5, 5), ("group", True, 500000.0, 3, 21),
+                                                          ("head", True, None, 18, 18), ("group", False, 10000.0, 1, 34)])
+def test_fused_block_scores_match_the_gate(seed, dtype, k_proj_per, q_proj, rope, nq, nk):
+    """The one-launch block RoPE + scores equal SeerGate.raw_scores on every causally visible
+    (query block, key block) pair, also for a chunk of query blocks late in the keys."""
+    from attn_patch.seer import SeerGate
+
+    gate = SeerGate(6, 2, 32, block_size=16, gate_dim=32, q_proj=q_proj, k_proj_per=k_proj_per,
+                    rope_theta=rope).to(DEVICE, dtype)
+    with torch.no_grad():
+        gate.k_weight.normal_(0, 0.1)
+        if gate.q_weight is not None:
+            gate.q_weight.normal_(0, 0.2)
+    qb = torch.randn(2, 6, nq, 32, device=DEVICE)
+    kb = torch.randn(2, 2, nk, 96, device=DEVICE)
+    off = nk - nq
+    with torch.no_grad():
+        want = gate.raw_scores(qb, kb, off).float()
+        got = gate.raw_scores(qb, kb, off, fused=True)
+    visible = torch.ones(nq, nk, dtype=torch.bool, device=DEVICE).tril(off)
+    tol = 1e-4 if dtype == torch.float32 else 0.05 * float(want.abs().max())
+    err = (got - want).abs()[..., visible]
+    assert err.max() <= tol, f"seed {seed}: {float(err.max()):.3e}"
+    if nq > 1:  # the probabilities the selection sees
+        p_want = gate.probs(gate.score(qb, kb, off))
+        p_got = gate.probs(gate.score(qb, kb, off, fused=True))
+        assert (p_got - p_want).abs().max() < (1e-5 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("nq,nk,floor,softmax", [(8, 8, 0, True), (5, 13, 3, True), (6, 40, 0, False),
+                                                 (4, 4, 2, False)])
+def test_fused_threshold_selection_matches_reference(seed, nq, nk, floor, softmax):
+    """Threshold selection in the kernel (probabilities given, or the softmax of raw scores taken
+    inside it), with and without a top-k floor, keeps the blocks select_blocks keeps; the lists
+    are NKB wide."""
+    from attn_patch.kernels.seer_select import topk_block_lists
+    from attn_patch.seer.blocks import select_blocks
+
+    raw = 3 * torch.randn(2, 3, nq, nk, device=DEVICE)
+    visible = torch.ones(nq, nk, dtype=torch.bool, device=DEVICE).tril(nk - nq)
+    probs = torch.softmax((raw * 0.5).masked_fill(~visible, float("-inf")), -1)
+    thr = 0.1
+    if softmax:
+        idx, cnt = topk_block_lists(raw, floor, threshold=thr, logit_scale=0.5)
+    else:
+        idx, cnt = topk_block_lists(probs, floor, threshold=thr)
+    assert idx.shape[-1] == nk
+    ridx, rcnt = _select_k(select_blocks, probs, floor, True, True, threshold=thr) if floor else \
+        select_blocks(probs, threshold=thr)
+    _assert_same_lists(idx, cnt, ridx, rcnt)

@@ -108,6 +108,36 @@ def test_group_selection_and_threshold(seed):
     assert st["config"] == {"threshold": 0.3}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_oracle_selects_from_the_exact_block_map(backend, seed):
+    """oracle=True selects from the ground truth of the layer's own attention, not from the gate
+    (another selection than the same gate's), the kernel path equals the reference path, and it
+    refuses a KV cache. top_p runs and is reported."""
+    from transformers import DynamicCache
+
+    model = _model("llama", seed)
+    ids = torch.randint(1, 96, (1, 128), device=DEVICE)
+    opts = dict(density=0.5, keep_sink=False, dense_last=0, **SMALL)  # 2 free blocks of up to 8 per row
+    with torch.no_grad():
+        dense = model(ids).logits
+        with attn_patch.patched(model, "seer", top_p=0.5, **dict(SMALL, dense_last=0)):
+            top_p = model(ids).logits
+            assert attn_patch.stats(model)["config"] == {"top_p": 0.5}
+        with attn_patch.patched(model, "seer", backend="reference", **opts):
+            gate = model(ids).logits
+        with attn_patch.patched(model, "seer", backend="reference", oracle=True, **opts):
+            ref = model(ids).logits
+        with attn_patch.patched(model, "seer", backend=backend, oracle=True, **opts):
+            got = model(ids).logits
+            with pytest.raises(ConfigError, match="oracle"):
+                cache = DynamicCache(config=model.config)
+                model(ids[:, :100], past_key_values=cache, use_cache=True)
+                model(ids[:, 100:], past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+    assert (ref - gate).abs().max() > 1e-4 and (ref - dense).abs().max() > 1e-4, f"seed {seed}"
+    assert (top_p - dense).abs().max() > 1e-4
+
+
 def test_chunked_prefill_on_a_cache_equals_the_full_pass(seed):
     """Threshold selection is per row, so a prompt prefilled in chunks (one starting inside a block,
     one at a boundary) gives the full single pass's logits (without the dense last block, which each
@@ -217,8 +247,10 @@ def test_errors_name_the_fix(seed):
     model = _model("llama", seed)
     with pytest.raises(ConfigError, match="recipes/seer_distill.py"):
         attn_patch.apply(model, "seer")
-    with pytest.raises(ConfigError, match="either density or threshold"):
+    with pytest.raises(ConfigError, match="one of density, threshold and top_p, not density and threshold"):
         attn_patch.apply(model, "seer", gates="untrained", density=0.2, threshold=0.01)
+    with pytest.raises(ConfigError, match="top_p is a probability mass"):
+        attn_patch.apply(model, "seer", gates="untrained", top_p=1.5)
     with pytest.raises(ConfigError, match="block_size must be"):
         attn_patch.apply(model, "seer", gates="untrained", block_size=48)
     windowed = build("mistral").to(DEVICE)  # sliding window 6

@@ -70,13 +70,18 @@ def topk_for_layout(density: float, n_q: int, n_k: int, q_block_offset: int) -> 
 
 
 def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshold: float | None = None,
-                  keep_sink: bool = True, keep_diagonal: bool = True, q_block_offset: int | None = None,
-                  allocation: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+                  top_p: float | None = None, keep_sink: bool = True, keep_diagonal: bool = True,
+                  q_block_offset: int | None = None, allocation: str = "uniform",
+                  min_density: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate probabilities [B, H, NQB, NKB] -> (block_indices int32 [B, H, NQB, MAXB] sorted ascending,
     block_counts int32 [B, H, NQB]).
 
     Exactly one of ``density`` (the k best blocks per row, k from ``topk_for_layout``, the forced
-    blocks counted among them) and ``threshold`` (every block with probability >= threshold). Only
+    blocks counted among them), ``threshold`` (every block with probability >= threshold) and
+    ``top_p`` (per row the fewest blocks, forced ones first and then the most probable, whose
+    probabilities sum to >= top_p); with threshold or top_p, ``min_density`` also keeps every row's
+    top-k blocks for that density (a floor, so rows with a flat gate distribution are not left with
+    the forced blocks alone). Only
     causally visible blocks are ever selected; the first (sink) block and the diagonal block are
     always kept unless turned off, so no row is empty.
 
@@ -85,8 +90,8 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
     diffuse head takes more blocks and a focused one fewer, at the same density per layer."""
     if allocation not in ("uniform", "heads"):
         raise ValueError(f"allocation must be 'uniform' or 'heads', got {allocation!r}")
-    if (density is None) == (threshold is None):
-        raise ValueError("give exactly one of density and threshold")
+    if sum(x is not None for x in (density, threshold, top_p)) != 1:
+        raise ValueError("give exactly one of density, threshold and top_p")
     b, h, nq, nk = probs.shape
     visible = block_causal_mask(nq, nk, q_block_offset, device=probs.device)
     if q_block_offset is None:
@@ -112,7 +117,18 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
         indices = torch.where(valid, top.indices, nk).sort(dim=-1).values
         counts = valid.sum(dim=-1).to(torch.int32)
     else:
-        chosen = ((scores >= threshold) | forced) & visible
+        if threshold is not None:
+            chosen = ((scores >= threshold) | forced) & visible
+        else:
+            order = ranked.sort(dim=-1, descending=True)
+            mass = probs.float().masked_fill(~visible, 0.0).gather(-1, order.indices)
+            # top_p = 1 keeps every visible block (a rounded cumulative sum could pass 1 early)
+            take = (((mass.cumsum(-1) - mass) < top_p) | (top_p >= 1.0)) & (order.values > float("-inf"))
+            chosen = torch.zeros_like(take).scatter_(-1, order.indices, take) | forced
+        if min_density is not None:
+            k = min(nk, topk_for_layout(float(min_density), nq, nk, q_block_offset))
+            top = ranked.topk(k, dim=-1)
+            chosen |= torch.zeros_like(chosen).scatter_(-1, top.indices, top.values > float("-inf"))
         counts = chosen.sum(dim=-1).to(torch.int32)
         width = max(1, int(counts.max()))
         # ascending indices of the chosen blocks first: unchosen blocks sort after every chosen one

@@ -159,32 +159,48 @@ class SeerGate(nn.Module):
         qb, kb = pool_gate_inputs(q, k, self.block_size, q_offset, cos, sin, key_padding)
         return self.score(qb, kb, q_offset // self.block_size)
 
-    def raw_scores(self, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int) -> torch.Tensor:
-        """Unscaled, unmasked block scores [B, Hq, NQB, NKB] from pooled inputs (their order per row
-        is what top-k selection needs)."""
+    def projected(self, qb: torch.Tensor, kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate's queries [B, Hq, NQB, G] and keys [B, Hq | Hkv, NKB, G] (per query head, or per
+        KV head with ``k_proj_per="group"``) from pooled inputs, before block RoPE, in the gate's dtype."""
         b, hq, nqb, _ = qb.shape
         hkv, nkb = kb.shape[1], kb.shape[2]
         if hq != self.num_heads or hkv != self.num_kv_heads:
             raise ValueError(f"gate built for {self.num_heads} query / {self.num_kv_heads} KV heads got "
                              f"{hq} / {hkv}")
-        bs, dtype = self.block_size, self.k_weight.dtype
+        dtype = self.k_weight.dtype
         qb, kb = qb.to(dtype), kb.to(dtype)
         if self.k_proj_per == "head":
             kb = kb.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, NKB, 3D]
         kg = torch.einsum("bhnc,hcg->bhng", kb, self.k_weight)
         qg = torch.einsum("bhnd,hdg->bhng", qb, self.q_weight) if self.q_weight is not None else qb
+        return qg, kg
+
+    def raw_scores(self, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int, fused: bool = False) -> torch.Tensor:
+        """Unscaled block scores [B, Hq, NQB, NKB] from pooled inputs (their order per row is what
+        top-k selection needs). ``fused``: block RoPE and the dot products in one Triton launch
+        (inference; no gradient), which leaves the entries above the block diagonal unset."""
+        b, hq, nqb, _ = qb.shape
+        nkb = kb.shape[2]
+        qg, kg = self.projected(qb, kb)
+        bs = self.block_size
+        if fused and self.gate_dim % 2 == 0:  # the kernel rotates channel halves
+            from ..kernels.seer_select import block_scores
+
+            return block_scores(qg, kg, block_size=bs, rope_theta=self.rope_theta, q_block_offset=q_block_offset)
         if self.rope_theta is not None:
             qg = block_rope(qg, (torch.arange(nqb, device=qb.device) + q_block_offset) * bs, self.rope_theta)
             kg = block_rope(kg, torch.arange(nkb, device=qb.device) * bs, self.rope_theta)
         if self.k_proj_per == "group":
+            hkv = kg.shape[1]
             qg = qg.view(b, hkv, hq // hkv, nqb, self.gate_dim)
             return torch.einsum("bkgnc,bkmc->bkgnm", qg, kg).reshape(b, hq, nqb, nkb)
         return torch.einsum("bhnc,bhmc->bhnm", qg, kg)
 
-    def score(self, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int) -> torch.Tensor:
+    def score(self, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int, fused: bool = False) -> torch.Tensor:
         """Logits from pooled inputs (``pool_gate_inputs`` or the fused pooling kernel): query block i
-        sits at key block ``q_block_offset + i``. [B, Hq, NQB, NKB] fp32, -inf where not visible."""
-        scores = self.raw_scores(qb, kb, q_block_offset).float() / math.sqrt(self.gate_dim)
+        sits at key block ``q_block_offset + i``. [B, Hq, NQB, NKB] fp32, -inf where not visible.
+        ``fused`` as in ``raw_scores``."""
+        scores = self.raw_scores(qb, kb, q_block_offset, fused).float() / math.sqrt(self.gate_dim)
         mask = block_causal_mask(scores.shape[-2], scores.shape[-1], q_block_offset, device=qb.device)
         return scores.masked_fill(~mask, float("-inf"))
 

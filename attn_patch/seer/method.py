@@ -59,6 +59,16 @@ class SeerConfig(MethodConfig):
     threshold: float | None = option(
         None, "keep every key block whose gate probability is >= threshold instead of a fixed density"
     )
+    top_p: float | None = option(
+        None, "keep per query block the fewest key blocks (sink and diagonal first, then the most probable) "
+        "whose gate probabilities sum to top_p: focused rows keep few blocks, diffuse rows many")
+    min_density: float | None = option(
+        None, "with threshold or top_p: every query block also keeps its top-k key blocks for this density "
+        "(a floor: a flat gate distribution still gets blocks beyond the sink and diagonal)")
+    oracle: bool = option(
+        False, "select from the exact block ground truth (the distillation target) instead of the gate: an "
+        "upper bound for what a gate can reach at the same selection rule; runs dense attention first, so "
+        "for evaluation only (whole unpadded sequences)")
     allocation: str = option(
         "uniform", "with density: 'uniform' keeps the same number of blocks per row for every head (the "
         "reference); 'heads' lets a row's heads share their blocks by gate probability (diffuse heads get "
@@ -82,8 +92,15 @@ class SeerConfig(MethodConfig):
     distill: bool = option(False, "teacher mode for gate training: dense exact attention, gate KL losses recorded")
 
     def validate(self) -> None:
-        if self.density is not None and self.threshold is not None:
-            raise ConfigError("give either density or threshold, not both")
+        given = [k for k in ("density", "threshold", "top_p") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give one of density, threshold and top_p, not {' and '.join(given)}")
+        if self.min_density is not None and (self.threshold is None and self.top_p is None
+                                             or not 0.0 < self.min_density <= 1.0):
+            raise ConfigError(f"min_density (got {self.min_density}) is a floor in (0, 1] for threshold or top_p "
+                              "selection; with density, raise the density instead")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p is a probability mass in (0, 1], got {self.top_p}")
         if self.density is not None and not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -100,8 +117,11 @@ class SeerConfig(MethodConfig):
                               "drop them or pass gates='untrained'")
 
     def selection_args(self) -> dict:
+        floor = {} if self.min_density is None else {"min_density": self.min_density}
         if self.threshold is not None:
-            return {"threshold": self.threshold}
+            return {"threshold": self.threshold, **floor}
+        if self.top_p is not None:
+            return {"top_p": self.top_p, **floor}
         return {"density": DEFAULT_DENSITY if self.density is None else self.density, "allocation": self.allocation}
 
 
@@ -304,8 +324,9 @@ def attention(config: SeerConfig, module, query, key, value, attention_mask, sca
     lead = q_offset % bs
     qb, kb = _pooled(rt, gate, query, key, value, mask, kernel, kwargs.get("position_ids"))
     off = q_offset // bs
+    oracle = _oracle_probs(mask, query, key, bs, scale, kernel) if config.oracle else None
     idx, cnt = choose_blocks(gate, qb, kb, off, kernel=kernel, keep_sink=config.keep_sink,
-                             keep_diagonal=config.keep_diagonal, **config.selection_args())
+                             keep_diagonal=config.keep_diagonal, probs=oracle, **config.selection_args())
     nq, nk = qb.shape[2], kb.shape[2]
     tail = min(config.dense_last, tq)  # query rows that run dense
     split = tq + lead - tail  # rows of the front-padded queries that run sparse
@@ -372,25 +393,42 @@ def _with_dense_rows(cnt: torch.Tensor, lead: int, split: int, end: int, bs: int
 
 @torch.no_grad()
 def choose_blocks(gate: SeerGate, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int, *, kernel: bool,
-                  density: float | None = None, threshold: float | None = None, allocation: str = "uniform",
-                  keep_sink: bool = True, keep_diagonal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate scores -> block index lists. On the kernels, uniform top-k runs as one selection kernel
-    on the raw scores (softmax keeps the order, so per-head selection skips it); thresholds, the
-    'heads' allocation and the CPU path go through ``select_blocks``."""
-    if kernel and density is not None and allocation == "uniform":
+                  density: float | None = None, threshold: float | None = None, top_p: float | None = None,
+                  allocation: str = "uniform", keep_sink: bool = True, keep_diagonal: bool = True,
+                  min_density: float | None = None, probs: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate scores -> block index lists. On the kernels, uniform top-k and thresholds (with their
+    floor) run as one selection kernel on the raw scores (per-head top-k skips the softmax, which
+    keeps the order; thresholds take it inside the kernel); top_p, the 'heads' allocation and the
+    CPU path go through ``select_blocks``. ``probs`` [B, Hq, NQB, NKB]
+    replaces the gate's (the oracle)."""
+    if probs is not None and gate.selection == "group":
+        b, hq, nq, nk = probs.shape
+        probs = probs.view(b, gate.num_kv_heads, hq // gate.num_kv_heads, nq, nk).mean(dim=2)
+    if kernel and allocation == "uniform" and top_p is None:
         from ..kernels.seer_select import topk_block_lists
 
         nq, nk = qb.shape[2], kb.shape[2]
-        if gate.selection == "head":
-            scores = gate.raw_scores(qb, kb, q_block_offset)
+        scale = None
+        if probs is not None:
+            scores = probs
+        elif gate.selection == "head":
+            scores = gate.raw_scores(qb, kb, q_block_offset, fused=True)
+            scale = gate.gate_dim ** -0.5
         else:
-            scores = gate.probs(gate.score(qb, kb, q_block_offset))
-        k = topk_for_layout(float(density), nq, nk, q_block_offset)
+            scores = gate.probs(gate.score(qb, kb, q_block_offset, fused=True))
+        if density is not None:
+            k = topk_for_layout(float(density), nq, nk, q_block_offset)
+            return topk_block_lists(scores, k, keep_sink=keep_sink, keep_diagonal=keep_diagonal,
+                                    q_block_offset=q_block_offset)
+        k = 0 if min_density is None else topk_for_layout(float(min_density), nq, nk, q_block_offset)
         return topk_block_lists(scores, k, keep_sink=keep_sink, keep_diagonal=keep_diagonal,
-                                q_block_offset=q_block_offset)
-    probs = gate.probs(gate.score(qb, kb, q_block_offset))
-    return select_blocks(probs, density=density, threshold=threshold, allocation=allocation, keep_sink=keep_sink,
-                         keep_diagonal=keep_diagonal, q_block_offset=q_block_offset)
+                                q_block_offset=q_block_offset, threshold=threshold, logit_scale=scale)
+    if probs is None:
+        probs = gate.probs(gate.score(qb, kb, q_block_offset, fused=kernel))
+    return select_blocks(probs, density=density, threshold=threshold, top_p=top_p, allocation=allocation,
+                         keep_sink=keep_sink, keep_diagonal=keep_diagonal, q_block_offset=q_block_offset,
+                         min_density=min_density)
 
 
 @functools.lru_cache(maxsize=256)
@@ -422,6 +460,18 @@ def _pooled(rt, gate, query, key, value, mask, kernel: bool, position_ids):
         qb = pool_blocks_fused(query, bs, minmax=False, lead=mask.q_offset % bs, cos=cq, sin=sq)
         kb = pool_blocks_fused(key, bs, minmax=True, cos=cos, sin=sin, key_padding=mask.key_padding)
     return qb, kb
+
+
+@torch.no_grad()
+def _oracle_probs(mask, query, key, bs: int, scale: float, kernel: bool) -> torch.Tensor:
+    if query.shape[2] != key.shape[2] or mask.key_padding is not None:
+        raise ConfigError("oracle selection needs the exact block map of whole unpadded sequences: call the model "
+                          "without a KV cache or padding, or drop oracle=True")
+    if kernel:
+        from ..kernels.seer_gt import attention_with_block_max
+
+        return attention_with_block_max(query, key, key, block_size=bs, scale=scale, causal=True)[2]  # v unused
+    return ground_truth_reference(query, key, block_size=bs, scale=scale)
 
 
 def _distill(gate, rt, mask, query, key, value, scale, kernel: bool, position_ids):
