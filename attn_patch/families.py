@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .errors import UnsupportedModelError
 
 
@@ -15,16 +17,17 @@ class Family:
     model_type: str
     attention_class: str  # the modeling class whose forward calls the registered function
     sliding_window: bool  # whether the family can use a sliding window
+    out_proj: str  # the attention module's output projection (its input is the heads side by side)
 
 
 FAMILIES = {
     f.model_type: f
     for f in (
-        Family("llama", "LlamaAttention", False),
-        Family("mistral", "MistralAttention", True),
-        Family("qwen2", "Qwen2Attention", True),
-        Family("gpt2", "GPT2Attention", False),
-        Family("gpt_neox", "GPTNeoXAttention", False),
+        Family("llama", "LlamaAttention", False, "o_proj"),
+        Family("mistral", "MistralAttention", True, "o_proj"),
+        Family("qwen2", "Qwen2Attention", True, "o_proj"),
+        Family("gpt2", "GPT2Attention", False, "c_proj"),
+        Family("gpt_neox", "GPTNeoXAttention", False, "dense"),
     )
 }
 
@@ -71,3 +74,23 @@ def attention_modules(model) -> list:
     """The attention modules of a supported model, in layer order."""
     family = family_of(model)
     return [m for m in model.modules() if type(m).__name__ == family.attention_class]
+
+
+
+
+def output_projection(module) -> torch.nn.Module:
+    """The output projection of one of a supported family's attention modules."""
+    family = next((f for f in FAMILIES.values() if f.attention_class == type(module).__name__), None)
+    if family is None:
+        raise UnsupportedModelError(f"{type(module).__name__} is not an attention module attn_patch knows")
+    return getattr(module, family.out_proj)
+
+
+def head_output_maps(module, num_heads: int) -> torch.Tensor:
+    """[H, D, out]: what each head's output goes through in the attention module's output projection
+    (an nn.Linear, or GPT-2's transposed Conv1D), so head h adds ``o_h @ maps[h]`` to the residual."""
+    proj = output_projection(module)
+    w = proj.weight
+    if isinstance(proj, torch.nn.Linear):  # [out, H * D]
+        return w.view(w.shape[0], num_heads, -1).permute(1, 2, 0)
+    return w.view(num_heads, -1, w.shape[1])  # GPT-2's Conv1D: [H * D, out]

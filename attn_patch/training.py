@@ -135,3 +135,30 @@ def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.T
 
 def _head_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum", ignore_index=-100)
+
+
+def chunked_distill_loss(hidden: torch.Tensor, head: torch.nn.Module, teacher_hidden: torch.Tensor,
+                         teacher_head: torch.nn.Module, labels: torch.Tensor, chunk: int = 2048
+                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed next-token NLL, summed KL(teacher || student) over the vocabulary, and the number of
+    scored positions, chunk by chunk as in :func:`chunked_lm_loss` (the teacher's logits of a chunk
+    are recomputed from ``teacher_hidden`` and never need gradients)."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    th = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]).detach()
+    y = labels[:, 1:].reshape(-1)
+    nll = kl = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        args = (h[s:s + chunk], head, th[s:s + chunk], teacher_head, y[s:s + chunk])
+        both = checkpoint(_head_nll_kl, *args, use_reentrant=False) if torch.is_grad_enabled() else _head_nll_kl(*args)
+        nll, kl = nll + both[0], kl + both[1]
+    return nll, kl, int((y != -100).sum())
+
+
+def _head_nll_kl(hidden, head, teacher_hidden, teacher_head, targets) -> torch.Tensor:
+    logp = F.log_softmax(head(hidden).float(), dim=-1)
+    with torch.no_grad():
+        logq = F.log_softmax(teacher_head(teacher_hidden).float(), dim=-1)
+    keep = (targets != -100).float()
+    nll = F.nll_loss(logp, targets, reduction="sum", ignore_index=-100)
+    kl = ((logq.exp() * (logq - logp)).sum(-1) * keep).sum()
+    return torch.stack([nll, kl])

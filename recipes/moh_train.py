@@ -14,12 +14,17 @@ heads, only those are computed, and a load-balance loss keeps the routed heads i
 
 The model is patched with ``attn_patch.apply(model, "moh", router=..., active=...)`` (``--dense``:
 ``"flash"``, the same kernel family computing every head). Routers start close to the dense model:
-the norm router has no weights (it ranks heads by their query norms, which the pretrained model
-already has), untrained learned routers weight every computed head by ~1. ``--train`` picks what
+first ``attn_patch.moh.calibrate`` measures the heads on ``--calibrate-windows`` training windows
+and makes the most important ones (by what they add to the residual stream) the shared heads, so
+the heads a token can drop are the least important ones; the norm router has no weights (it ranks
+heads by their query norms, scaled per head by calibration), untrained learned routers weight
+every computed head by ~1. ``--steps 0`` only calibrates and writes the routers. ``--train`` picks what
 learns: ``all`` (default), ``attention`` (the attention modules: projections and routers) or
 ``routers`` (learned routers only). The loss is the next-token NLL (chunked, so the [tokens,
-vocab] logits never exist at once) plus ``attn_patch.aux_loss(model)``, the load-balance loss
-(weight ``--balance-weight``, default 0.01). Gradient checkpointing, fp32 weights with bf16 autocast
+vocab] logits never exist at once), plus ``--distill`` times the KL divergence from the untouched
+dense model's next-token distribution (off by default; the teacher is a frozen copy taken before
+patching), plus ``attn_patch.aux_loss(model)``, the load-balance loss (weight ``--balance-weight``,
+default 0.01). Gradient checkpointing, fp32 weights with bf16 autocast
 on GPU, AdamW (0.9, 0.95), warmup then cosine (or constant).
 
 Text comes from local files / directories / globs or ``hf:NAME[:CONFIG][@SPLIT]`` (``datasets``),
@@ -46,8 +51,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from attn_patch.training import (HelpFormatter, add_loop_arguments, chunked_lm_loss, enable_checkpointing,  # noqa: E402
-                                 lr_lambda, refuse_held_out, token_windows, window_index)
+from attn_patch.training import (HelpFormatter, add_loop_arguments, chunked_distill_loss, chunked_lm_loss,  # noqa: E402
+                                 enable_checkpointing, lr_lambda, refuse_held_out, token_windows, window_index)
 
 RUN_FILE = "attn_patch.json"
 
@@ -69,6 +74,13 @@ def parse_args(argv=None):
                     help="parameters that learn (routers: learned routers only)")
     ap.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence")
     ap.add_argument("--router-lr", type=float, help="learning rate of learned routers (default: 10x --lr)")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="weight of a KL(original dense model || trained model) term added to the NLL per token "
+                         "(0: off); the untouched model is the teacher, so the run learns the text without "
+                         "forgetting what the dropped heads did")
+    ap.add_argument("--calibrate-windows", type=int, default=4,
+                    help="training windows that calibrate() measures the heads on before training (which heads are "
+                         "shared, the norm router's per-head scales); 0: the first heads are shared, unit scales")
     ap.add_argument("--no-save-model", action="store_true", help="skip OUT/model (e.g. --train routers)")
     add_loop_arguments(ap, lr=5e-5, schedule="cosine")
     return ap.parse_args(argv)
@@ -76,19 +88,29 @@ def parse_args(argv=None):
 
 class CausalLMLoss(torch.nn.Module):
     """The model and a chunked next-token loss in one module, so DDP sees one forward; returns
-    (summed NLL, predicted tokens, load-balance loss)."""
+    (summed NLL, summed KL to the teacher (0 without one), predicted tokens, load-balance loss). The
+    frozen teacher is held outside the module tree, so DDP and the optimizer never see it."""
 
-    def __init__(self, model, chunk: int, moh: bool):
+    def __init__(self, model, chunk: int, moh: bool, teacher=None):
         super().__init__()
         self.model, self.chunk, self.moh = model, chunk, moh
+        object.__setattr__(self, "teacher", teacher)
 
     def forward(self, input_ids):
         import attn_patch
 
         hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        nll, count = chunked_lm_loss(hidden, self.model.get_output_embeddings(), input_ids, self.chunk)
+        head = self.model.get_output_embeddings()
+        if self.teacher is None:
+            nll, count = chunked_lm_loss(hidden, head, input_ids, self.chunk)
+            kl = hidden.new_zeros((), dtype=torch.float32)
+        else:
+            with torch.no_grad():
+                t_hidden = self.teacher.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            nll, kl, count = chunked_distill_loss(hidden, head, t_hidden, self.teacher.get_output_embeddings(),
+                                                  input_ids, self.chunk)
         aux = attn_patch.aux_loss(self.model) if self.moh else hidden.new_zeros(())
-        return nll, count, aux
+        return nll, kl, count, aux
 
 
 def trainable(model, what: str, moh: bool) -> list[tuple[str, torch.nn.Parameter]]:
@@ -149,7 +171,25 @@ def main(argv=None) -> int:
                         if v is not None})
         if args.router == "learned":
             options["routers"] = "untrained"
-    attn_patch.apply(model, method, **options)
+    ckpt = out / "checkpoint"
+    windows = token_windows(tokenizer, docs, args.seq_len)
+    teacher = None
+    if args.distill:
+        import copy
+
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the untouched model, before patching
+    if args.resume and method == "moh":  # the head order and scales the run started with
+        attn_patch.apply(model, method, **{**options, "routers": str(ckpt / "routers")})
+    else:
+        attn_patch.apply(model, method, **options)
+        if method == "moh" and args.calibrate_windows:
+            from attn_patch.moh import calibrate
+
+            n_cal = min(args.calibrate_windows, windows.shape[0])
+            cal = calibrate(model, [windows[i:i + 1] for i in range(n_cal)],
+                                   source=f"{n_cal} training windows of {args.seq_len} tokens")
+            accelerator.print(f"calibrated on {cal['tokens']} tokens: shared heads per layer "
+                              f"{[r['shared_heads'] for r in attn_patch.stats(model)['layers']][:4]}...")
     for p in model.parameters():
         p.requires_grad_(False)
     named = trainable(model, args.train, not args.dense)
@@ -157,7 +197,6 @@ def main(argv=None) -> int:
         p.requires_grad_(True)
     if not args.no_gradient_checkpointing:
         enable_checkpointing(model)
-    windows = token_windows(tokenizer, docs, args.seq_len)
     router_params = [p for n, p in named if "moh_router" in n]
     other_params = [p for n, p in named if "moh_router" not in n]
     groups = [g for g in ({"params": other_params, "lr": args.lr},
@@ -170,9 +209,8 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.warmup, args.steps, args.min_lr_ratio, args.schedule))
-    wrapper, optimizer, scheduler = accelerator.prepare(CausalLMLoss(model, args.loss_chunk, moh), optimizer,
-                                                        scheduler)
-    ckpt = out / "checkpoint"
+    wrapper, optimizer, scheduler = accelerator.prepare(CausalLMLoss(model, args.loss_chunk, moh, teacher),
+                                                        optimizer, scheduler)
     start = 0
     if args.resume:
         if not (ckpt / "trainer_state.pt").is_file():
@@ -193,7 +231,7 @@ def main(argv=None) -> int:
 
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * accelerator.num_processes
     run_info = {"recipe": "recipes/moh_train.py", "model": args.model, "method": method, "options": options,
-                "seq_len": args.seq_len, "train": args.train}
+                "seq_len": args.seq_len, "train": args.train, "distill": args.distill}
 
     def training_info(step: int, final: dict | None = None) -> dict:
         return {"step": step, "tokens": step * tokens_per_step, "data": [Path(d).name for d in args.data],
@@ -208,6 +246,8 @@ def main(argv=None) -> int:
             save_file({n: p.detach().contiguous() for n, p in named}, str(ckpt / "trainable.safetensors"))
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "args": vars(args)}, ckpt / "trainer_state.pt")
+            if moh:
+                save_routers(model, ckpt / "routers")
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -220,6 +260,7 @@ def main(argv=None) -> int:
     step_times: list[float] = []
     interval_nll, interval_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
     interval_aux = torch.zeros((), device=device)
+    interval_kl = torch.zeros((), device=device)
     interval_steps = 0
     stop = min(args.steps, args.stop_at or args.steps)
     if cuda:
@@ -234,9 +275,10 @@ def main(argv=None) -> int:
             sync = a == args.grad_accum - 1
             ctx = accelerator.no_sync(wrapper) if not sync and accelerator.num_processes > 1 else nullcontext()
             with ctx:
-                nll, count, aux = wrapper(ids)
-                accelerator.backward((nll / count + aux) / args.grad_accum)
+                nll, kl, count, aux = wrapper(ids)
+                accelerator.backward(((nll + args.distill * kl) / count + aux) / args.grad_accum)
             interval_nll += nll.detach()
+            interval_kl += kl.detach()
             interval_tokens += count
             interval_aux += aux.detach() / args.grad_accum
         interval_steps += 1
@@ -252,18 +294,21 @@ def main(argv=None) -> int:
         if done % args.log_every == 0 or done == stop or done == start + 1:
             nll_sum = accelerator.reduce(interval_nll, reduction="sum")
             tok_sum = accelerator.reduce(interval_tokens, reduction="sum")
+            kl_sum = accelerator.reduce(interval_kl, reduction="sum")
             aux_mean = accelerator.reduce(interval_aux, reduction="mean") / interval_steps
             value = float(nll_sum / tok_sum)
             first = value if first is None else first
             last = value
             if accelerator.is_main_process:
                 rec = {"step": done, "loss": round(value, 5), "aux": round(float(aux_mean), 6),
+                       **({"kl": round(float(kl_sum / tok_sum), 5)} if teacher is not None else {}),
                        "lr": scheduler.get_last_lr()[0], "tokens": done * tokens_per_step,
                        "elapsed_s": round(time.perf_counter() - t0, 1), "step_s": round(step_times[-1], 4)}
                 if moh:
                     st = attn_patch.stats(model, reset=True)
                     rec["active"] = st["active"]
-                    util = [u for layer in st["layers"] for u in layer["utilisation"][st["shared"]:]]
+                    util = [u for layer in st["layers"] for h, u in enumerate(layer["utilisation"])
+                            if h not in layer["shared_heads"]]
                     rec["routed_util_min_max"] = [round(min(util), 4), round(max(util), 4)] if util else None
                 if cuda:
                     rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -273,12 +318,14 @@ def main(argv=None) -> int:
             interval_nll.zero_()
             interval_tokens.zero_()
             interval_aux.zero_()
+            interval_kl.zero_()
             interval_steps = 0
         bar.update(1)
         if args.save_every and done % args.save_every == 0 and done < stop:
             checkpoint(done)
     bar.close()
-    checkpoint(stop)
+    if stop > start:  # (--steps 0 only calibrates)
+        checkpoint(stop)
     if stop < args.steps:
         accelerator.print(f"stopped at step {stop} of {args.steps}; continue with --resume")
         accelerator.end_training()

@@ -258,3 +258,87 @@ def test_config_errors_and_exact_remove(seed):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert [len(m._forward_pre_hooks) for m in model.modules()] == hooks
     assert "moh" in attn_patch.methods()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calibrate_shares_the_heads_that_matter(family, seed):
+    """calibrate() ranks heads by what they add to the residual: a head scaled up in the output
+    projection becomes the first shared head, a head cut out of it the last routed one; shared heads
+    are then on for every token, and the kernel path still equals the reference path."""
+    from attn_patch.families import attention_modules, head_output_maps
+    from attn_patch.moh import calibrate
+
+    model = _model(family, seed, train=True)
+    h = model.config.num_attention_heads
+    with torch.no_grad():
+        for m in attention_modules(model):
+            maps = head_output_maps(m, h)  # a view of the projection's weight
+            maps[h - 1].mul_(20.0)
+            maps[0].zero_()
+    ids = torch.randint(1, 90, (2, 33), device=DEVICE)
+    got = {}
+    for backend in ("reference", KERNEL):
+        with attn_patch.patched(model, "moh", backend=backend, active=0.5):
+            info = calibrate(model, [ids[:1], ids[1]], source="test")
+            assert info["tokens"] == 66 and info["batches"] == 2 and model.training
+            for r in routers_of(model):
+                assert r.head_order[0] == h - 1 and r.head_order[-1] == 0
+                assert sorted(r.head_order.tolist()) == list(range(h))
+            got[backend] = _loss_and_grads(model, ids)
+            st = attn_patch.stats(model)
+            for layer in st["layers"]:
+                assert layer["shared_heads"][0] == h - 1
+                assert all(layer["utilisation"][j] == 1.0 for j in layer["shared_heads"])
+                assert layer["utilisation"][0] < 1.0 or st["shared"] + st["top_k"] == h
+    (rl, rg), (kl, kg) = got["reference"], got[KERNEL]
+    torch.testing.assert_close(kl, rl, rtol=2e-4, atol=2e-5, msg=f"seed {seed}")
+    for name in rg:
+        torch.testing.assert_close(kg[name], rg[name], rtol=2e-4, atol=3e-5, msg=f"{name}, seed {seed}")
+
+
+def test_calibrated_norm_scales_and_round_trip(tmp_path, seed):
+    """norm_scale is each head's mean query norm; a saved calibrated norm router loads back with the
+    same order and scales (same logits); a head order that is not a permutation, or missing
+    calibration tensors, is an error; version-1 norm routers (no tensors) load as uncalibrated."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from attn_patch.families import attention_modules
+    from attn_patch.moh import calibrate, save_routers
+
+    model = _model("llama", seed)
+    ids = torch.randint(1, 90, (1, 40), device=DEVICE)
+    h, d = model.config.num_attention_heads, model.config.head_dim
+    seen = []
+    hooks = [m.q_proj.register_forward_hook(lambda _m, _a, out: seen.append(out.view(1, 40, h, d).norm(dim=-1)))
+             for m in attention_modules(model)]
+    with torch.no_grad(), attn_patch.patched(model, "moh", backend="reference", active=0.5):
+        calibrate(model, [ids])
+        for hk in hooks:
+            hk.remove()
+        for r, q in zip(routers_of(model), seen):
+            torch.testing.assert_close(r.norm_scale, q.mean((0, 1)), rtol=1e-5, atol=1e-6)
+        assert any(not torch.equal(r.head_order, torch.arange(h, device=DEVICE)) for r in routers_of(model))
+        want = model(ids).logits
+        save_routers(model, tmp_path / "r")
+    with torch.no_grad(), attn_patch.patched(model, "moh", backend="reference", routers=str(tmp_path / "r")):
+        torch.testing.assert_close(model(ids).logits, want)
+        assert routers_of(model)[0].runtime.calibration["tokens"] == 40
+    tensors = load_file(str(tmp_path / "r" / "routers.safetensors"))
+    bad = dict(tensors, **{"layers.0.head_order": torch.zeros(h, dtype=torch.int64)})
+    save_file(bad, str(tmp_path / "r" / "routers.safetensors"))
+    with pytest.raises(ConfigError, match="not a permutation"):
+        attn_patch.apply(model, "moh", routers=str(tmp_path / "r"))
+    tensors.pop("layers.1.norm_scale")
+    save_file(tensors, str(tmp_path / "r" / "routers.safetensors"))
+    with pytest.raises(ConfigError, match="missing"):
+        attn_patch.apply(model, "moh", routers=str(tmp_path / "r"))
+    (tmp_path / "r" / "routers.safetensors").unlink()
+    with pytest.raises(ConfigError, match="is missing"):
+        attn_patch.apply(model, "moh", routers=str(tmp_path / "r"))
+    meta = json.loads((tmp_path / "r" / "config.json").read_text())
+    (tmp_path / "r" / "config.json").write_text(json.dumps(dict(meta, version=1)))
+    with torch.no_grad(), attn_patch.patched(model, "moh", backend="reference", routers=str(tmp_path / "r")):
+        for r in routers_of(model):
+            assert torch.equal(r.head_order.cpu(), torch.arange(h)) and torch.all(r.norm_scale == 1)

@@ -60,6 +60,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_moh_model(tiny, tmp_path)
     assert info["method"] == "moh" and info["options"]["active"] == 0.5
     routers = json.loads((out / "routers" / "config.json").read_text())
     assert routers["router"] == {"kind": "norm", "shared": 1, "top_k": 2, "num_heads": 6}
+    assert routers["calibration"]["tokens"] == 4 * SEQ and len(routers["calibration"]["importance"]) == 2
 
     tuned = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     untouched = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
@@ -102,6 +103,52 @@ def test_dense_baseline_and_routers_only(tiny, tmp_path):
         recipe.main(_args(tiny, tmp_path / "x", "--steps", "1", "--train", "routers"))
     with pytest.raises(SystemExit, match="drop the MoH options"):
         recipe.main(_args(tiny, tmp_path / "y", "--steps", "1", "--dense", "--active", "0.5"))
+
+
+def test_distill_loss_equals_direct_computation():
+    import torch.nn.functional as F
+
+    from attn_patch.training import chunked_distill_loss
+
+    torch.manual_seed(0)
+    head, t_head = torch.nn.Linear(16, 50), torch.nn.Linear(16, 50)
+    hidden = torch.randn(2, 37, 16, requires_grad=True)
+    t_hidden = torch.randn(2, 37, 16)
+    labels = torch.randint(0, 50, (2, 37))
+    labels[1, 3:8] = -100
+    nll, kl, count = chunked_distill_loss(hidden, head, t_hidden, t_head, labels, chunk=10)
+    logp = F.log_softmax(head(hidden)[:, :-1], -1).reshape(-1, 50)
+    logq = F.log_softmax(t_head(t_hidden)[:, :-1], -1).reshape(-1, 50)
+    keep = labels[:, 1:].reshape(-1) != -100
+    want_kl = F.kl_div(logp[keep], logq[keep], log_target=True, reduction="sum")
+    want_nll = F.nll_loss(logp, labels[:, 1:].reshape(-1), reduction="sum", ignore_index=-100)
+    assert count == int(keep.sum()) == 2 * 36 - 5
+    torch.testing.assert_close(nll, want_nll)
+    torch.testing.assert_close(kl, want_kl)
+    g1 = torch.autograd.grad(nll + 0.7 * kl, (hidden, head.weight))
+    g2 = torch.autograd.grad(want_nll + 0.7 * want_kl, (hidden, head.weight))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    assert t_head.weight.grad is None
+
+
+def test_distill_from_the_untouched_model(tiny, tmp_path):
+    """--distill: the KL to the frozen pre-patch model is logged, and a large weight keeps the trained
+    model much closer to it than a negligible one does; the teacher is not trained or saved."""
+    kls = {}
+    for weight in ("1e-9", "5.0"):
+        out = tmp_path / f"kd{weight}"
+        assert load_script(TRAIN).main(_args(tiny, out, "--steps", "12", "--active", "0.5", "--distill", weight,
+                                              "--no-save-model")) == 0
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert log[0]["kl"] > 0.005  # dropped heads: not the teacher even at the start
+        kls[weight] = sum(r["kl"] for r in log[-4:]) / 4
+        assert json.loads((out / "attn_patch.json").read_text())["distill"] == float(weight)
+    assert kls["5.0"] < 0.5 * kls["1e-9"], kls
+    from safetensors.torch import load_file
+
+    names = load_file(out / "checkpoint" / "trainable.safetensors").keys()
+    assert not any("teacher" in n for n in names) and any("q_proj" in n for n in names)
 
 
 def test_two_process_data_parallel_launch(tiny, tmp_path):
