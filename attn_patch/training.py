@@ -1,13 +1,18 @@
 """What the training recipes share: packing text into windows, the window order across ranks and
-resumes, the learning-rate schedule, the held-out evaluation books, and a causal-LM loss that never
-holds the ``[tokens, vocab]`` logits of a long sequence at once.
+resumes, the learning-rate schedule, the held-out evaluation books, a causal-LM loss that never
+holds the ``[tokens, vocab]`` logits of a long sequence at once, and the optimizer loop itself
+(:func:`run_steps`: gradient accumulation, logging, checkpoints).
 
 The recipes themselves live in ``recipes/`` (``accelerate launch recipes/...``); this module only
 needs torch, so the recipes' CPU tests and the library agree on one definition.
 """
 from __future__ import annotations
 
+import json
 import math
+import statistics
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,6 +23,15 @@ from .evals.common import HelpFormatter  # noqa: F401  (the recipes' --help layo
 
 # evaluation text (scripts/reproduce_eval.sh) that no recipe may train on unless told to
 HELD_OUT = ("pride_and_prejudice", "news_from_nowhere")
+
+
+def add_data_arguments(ap) -> None:
+    """The model and text options every training recipe takes."""
+    ap.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", nargs="+", required=True, help="text files, directories, globs or hf:NAME")
+    ap.add_argument("--text-field", default="text", help="column of a datasets dataset")
+    ap.add_argument("--allow-eval-text", action="store_true",
+                    help=f"allow training on the held-out evaluation books ({', '.join(HELD_OUT)})")
 
 
 def add_loop_arguments(ap, *, lr: float, schedule: str) -> None:
@@ -162,3 +176,99 @@ def _head_nll_kl(hidden, head, teacher_hidden, teacher_head, targets) -> torch.T
     nll = F.nll_loss(logp, targets, reduction="sum", ignore_index=-100)
     kl = ((logq.exp() * (logq - logp)).sum(-1) * keep).sum()
     return torch.stack([nll, kl])
+
+
+def run_steps(accelerator, args, *, model, optimizer, scheduler, params, windows: torch.Tensor, start: int,
+              micro_step, checkpoint, out, desc: str, log_extra=None, train_mode: bool = True) -> dict | None:
+    """The optimizer loop the LM recipes share, from step ``start`` to ``--steps`` (or ``--stop-at``).
+
+    Each micro-batch takes this rank's windows (:func:`window_index`, so a resumed run sees the same
+    data) and calls ``micro_step(ids)`` -> ``(loss, sums)``: ``loss`` is backpropagated divided by
+    ``--grad-accum`` (gradients sync across ranks on the last micro-batch only); ``sums`` holds
+    quantities summed over the micro-batch's tokens (scalars or vectors), at least ``"loss"`` and
+    ``"tokens"``. Every ``--log-every`` steps ``OUT/log.jsonl`` gets their token-weighted means
+    since the last line over all ranks, the learning rate, tokens, times, peak memory and
+    ``log_extra()``. ``checkpoint(step)`` runs every ``--save-every`` steps and at the end. The model
+    runs in training mode unless ``train_mode=False`` (a frozen model whose added modules learn).
+    Returns the run summary (first/final loss, seconds, median step time, device, peak memory), or
+    None when ``--stop-at`` ended the run early.
+    """
+    from .evals.common import progress
+
+    cuda = torch.cuda.is_available()
+    device = accelerator.device
+    tokens_per_step = windows.shape[1] * args.batch_size * args.grad_accum * accelerator.num_processes
+    log = (Path(out) / "log.jsonl").open("a") if accelerator.is_main_process else None
+    bar = progress(total=args.steps, initial=start, desc=desc, disable=not accelerator.is_main_process)
+    model.train(train_mode)
+    t0 = time.perf_counter()
+    first = last = None
+    step_times: list[float] = []
+    sums: dict[str, torch.Tensor] = {}
+    stop = min(args.steps, args.stop_at or args.steps)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(start, stop):
+        t_step = time.perf_counter()
+        for a in range(args.grad_accum):
+            micro = step * args.grad_accum + a
+            idx = window_index(micro, accelerator.process_index, accelerator.num_processes, args.batch_size,
+                               windows.shape[0], args.seed)
+            last_micro = a == args.grad_accum - 1
+            ctx = accelerator.no_sync(model) if not last_micro and accelerator.num_processes > 1 else nullcontext()
+            with ctx:
+                loss, values = micro_step(windows[idx].to(device))
+                accelerator.backward(loss / args.grad_accum)
+            for key, v in values.items():
+                v = torch.as_tensor(v.detach() if torch.is_tensor(v) else v, dtype=torch.float64, device=device)
+                sums[key] = sums[key] + v if key in sums else v
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t_step)
+        done = step + 1
+        if done % args.log_every == 0 or done == stop or done == start + 1:
+            total = {k: accelerator.reduce(v, reduction="sum") for k, v in sorted(sums.items())}
+            tokens = total.pop("tokens")
+            means = {k: (v / tokens).tolist() for k, v in total.items()}
+            value = means.pop("loss")
+            first = value if first is None else first
+            last = value
+            if accelerator.is_main_process:
+                rec = {"step": done, "loss": round(value, 5), **{k: _rounded(v) for k, v in means.items()},
+                       "lr": scheduler.get_last_lr()[0], "tokens": done * tokens_per_step,
+                       "elapsed_s": round(time.perf_counter() - t0, 1), "step_s": round(step_times[-1], 4)}
+                rec.update(log_extra() if log_extra is not None else {})
+                if cuda:
+                    rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix_str(f"loss {value:.4f}")
+            sums = {}
+        bar.update(1)
+        if args.save_every and done % args.save_every == 0 and done < stop:
+            checkpoint(done)
+    bar.close()
+    if log is not None:
+        log.close()
+    if stop > start:
+        checkpoint(stop)
+    if stop < args.steps:
+        accelerator.print(f"stopped at step {stop} of {args.steps}; continue with --resume")
+        return None
+    final = {"first_loss": first, "final_loss": last, "train_seconds": round(time.perf_counter() - t0, 1),
+             "median_step_s": round(statistics.median(step_times[1:] or step_times), 4) if step_times else None,
+             "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+    if cuda:
+        final["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    accelerator.print(f"{stop - start} steps, {final['train_seconds']} s, {(stop - start) * tokens_per_step} "
+                      f"tokens; loss {first} -> {last}")
+    return final
+
+
+def _rounded(v):
+    return [round(x, 6) for x in v] if isinstance(v, list) else round(v, 6)

@@ -37,17 +37,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from attn_patch.training import (HelpFormatter, add_loop_arguments, chunked_lm_loss, document_positions,  # noqa: E402
-                                 enable_checkpointing, lr_lambda, refuse_held_out, token_windows, window_index)
+from attn_patch.training import (HelpFormatter, add_data_arguments, add_loop_arguments, chunked_lm_loss,  # noqa: E402
+                                 document_positions, enable_checkpointing, lr_lambda, refuse_held_out, run_steps,
+                                 token_windows)
 
 # per family: LoRA targets (q, k, v, o projections) and the embeddings and norms trained in full
 LORA_DEFAULTS = {
@@ -62,10 +61,7 @@ RUN_FILE = "attn_patch.json"
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--data", nargs="+", required=True, help="text files, directories, globs or hf:NAME")
-    ap.add_argument("--text-field", default="text", help="column of a datasets dataset")
-    ap.add_argument("--allow-eval-text", action="store_true", help="allow training on the held-out evaluation books")
+    add_data_arguments(ap)
     ap.add_argument("--rope-scaling", help="RoPE scaling for the extended context (linear:4, dynamic:4, yarn:4 or "
                                            "JSON); kept in the merged model's config")
     ap.add_argument("--seq-len", type=int, default=32768, help="tokens per training sequence")
@@ -154,7 +150,7 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
 
     import attn_patch
-    from attn_patch.evals.common import load_model, progress
+    from attn_patch.evals.common import load_model
     from attn_patch.evals.text import load_texts
     from attn_patch.models import parse_rope_scaling
 
@@ -230,9 +226,6 @@ def main(argv=None) -> int:
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
-    bar = progress(total=args.steps, initial=start, desc=f"longlora ({args.attention})",
-                   disable=not accelerator.is_main_process)
     pin = nullcontext
     if args.sdpa_backend:
         from torch.nn.attention import sdpa_kernel
@@ -243,77 +236,21 @@ def main(argv=None) -> int:
     eos = tokenizer.eos_token_id
     if args.doc_mask and eos is None:
         raise SystemExit("--doc-mask splits windows at EOS, but the tokenizer has no eos_token_id")
-    wrapper.train()
-    t0 = time.perf_counter()
-    first = last = None
-    step_times: list[float] = []
-    interval_nll, interval_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
-    stop = min(args.steps, args.stop_at or args.steps)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(start, stop):
-        t_step = time.perf_counter()
-        for a in range(args.grad_accum):
-            micro = step * args.grad_accum + a
-            idx = window_index(micro, accelerator.process_index, accelerator.num_processes, args.batch_size,
-                               windows.shape[0], args.seed)
-            ids = windows[idx].to(device)
-            positions = document_positions(ids, eos) if args.doc_mask else None
-            sync = a == args.grad_accum - 1
-            ctx = accelerator.no_sync(wrapper) if not sync and accelerator.num_processes > 1 else nullcontext()
-            with ctx, pin():
-                nll, count = wrapper(ids, positions)
-                accelerator.backward(nll / (count * args.grad_accum))
-            interval_nll += nll.detach()
-            interval_tokens += count
-        if args.max_grad_norm:
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        step_times.append(time.perf_counter() - t_step)
-        done = step + 1
-        if done % args.log_every == 0 or done == stop or done == start + 1:
-            # token-weighted mean NLL over the steps since the last line, across ranks
-            nll_sum = accelerator.reduce(interval_nll, reduction="sum")
-            tok_sum = accelerator.reduce(interval_tokens, reduction="sum")
-            value = float(nll_sum / tok_sum)
-            first = value if first is None else first
-            last = value
-            if accelerator.is_main_process:
-                rec = {"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0],
-                       "tokens": done * tokens_per_step, "elapsed_s": round(time.perf_counter() - t0, 1),
-                       "step_s": round(step_times[-1], 4)}
-                if cuda:
-                    rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix_str(f"loss {value:.4f}")
-            interval_nll.zero_()
-            interval_tokens.zero_()
-        bar.update(1)
-        if args.save_every and done % args.save_every == 0 and done < stop:
-            save(ckpt, done)
-    bar.close()
-    if stop < args.steps:
-        save(ckpt, stop)
-        accelerator.print(f"stopped at step {stop} of {args.steps}; continue with --resume")
+
+    def micro_step(ids):
+        positions = document_positions(ids, eos) if args.doc_mask else None
+        with pin():
+            nll, count = wrapper(ids, positions)
+        return nll / count, {"loss": nll, "tokens": count}
+
+    final = run_steps(accelerator, args, model=wrapper, optimizer=optimizer, scheduler=scheduler, params=params,
+                      windows=windows, start=start, micro_step=micro_step, checkpoint=lambda step: save(ckpt, step),
+                      out=out, desc=f"longlora ({args.attention})")
+    if final is None:  # --stop-at
         accelerator.end_training()
         return 0
-    elapsed = time.perf_counter() - t0
-    final = {"first_loss": first, "final_loss": last, "train_seconds": round(elapsed, 1),
-             "median_step_s": round(statistics.median(step_times[1:] or step_times), 4) if step_times else None,
-             "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
-    if cuda:
-        final["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    save(ckpt, args.steps)
     save(out, args.steps, final)
-    accelerator.print(f"saved the adapter to {out / 'adapter'} ({args.steps - start} steps, {elapsed:.1f} s, "
-                      f"{(args.steps - start) * tokens_per_step} tokens; loss {first} -> {last})")
-    if log is not None:
-        log.close()
+    accelerator.print(f"saved the adapter to {out / 'adapter'}")
     accelerator.end_training()
     if args.merge and accelerator.is_main_process:
         del wrapper, optimizer, peft_model, model

@@ -42,27 +42,22 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from attn_patch.training import (HelpFormatter, add_loop_arguments, chunked_distill_loss, chunked_lm_loss,  # noqa: E402
-                                 enable_checkpointing, lr_lambda, refuse_held_out, token_windows, window_index)
+from attn_patch.training import (HelpFormatter, add_data_arguments, add_loop_arguments,  # noqa: E402
+                                 chunked_distill_loss, chunked_lm_loss, enable_checkpointing, lr_lambda,
+                                 refuse_held_out, run_steps, token_windows)
 
 RUN_FILE = "attn_patch.json"
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--data", nargs="+", required=True, help="text files, directories, globs or hf:NAME")
-    ap.add_argument("--text-field", default="text", help="column of a datasets dataset")
-    ap.add_argument("--allow-eval-text", action="store_true", help="allow training on the held-out evaluation books")
+    add_data_arguments(ap)
     ap.add_argument("--dense", action="store_true", help="train the dense model instead (method 'flash'): the "
                                                          "baseline with the same data, tokens and schedule")
     ap.add_argument("--router", default="norm", choices=["norm", "learned"])
@@ -145,7 +140,7 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file, save_file
 
     import attn_patch
-    from attn_patch.evals.common import load_model, progress
+    from attn_patch.evals.common import load_model
     from attn_patch.evals.text import load_texts
     from attn_patch.moh import save_routers
 
@@ -252,90 +247,29 @@ def main(argv=None) -> int:
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
-    bar = progress(total=args.steps, initial=start, desc=f"moh ({method})", disable=not accelerator.is_main_process)
-    wrapper.train()
-    t0 = time.perf_counter()
-    first = last = None
-    step_times: list[float] = []
-    interval_nll, interval_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
-    interval_aux = torch.zeros((), device=device)
-    interval_kl = torch.zeros((), device=device)
-    interval_steps = 0
-    stop = min(args.steps, args.stop_at or args.steps)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(start, stop):
-        t_step = time.perf_counter()
-        for a in range(args.grad_accum):
-            micro = step * args.grad_accum + a
-            idx = window_index(micro, accelerator.process_index, accelerator.num_processes, args.batch_size,
-                               windows.shape[0], args.seed)
-            ids = windows[idx].to(device)
-            sync = a == args.grad_accum - 1
-            ctx = accelerator.no_sync(wrapper) if not sync and accelerator.num_processes > 1 else nullcontext()
-            with ctx:
-                nll, kl, count, aux = wrapper(ids)
-                accelerator.backward(((nll + args.distill * kl) / count + aux) / args.grad_accum)
-            interval_nll += nll.detach()
-            interval_kl += kl.detach()
-            interval_tokens += count
-            interval_aux += aux.detach() / args.grad_accum
-        interval_steps += 1
-        if args.max_grad_norm:
-            accelerator.clip_grad_norm_([p for _, p in named], args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        step_times.append(time.perf_counter() - t_step)
-        done = step + 1
-        if done % args.log_every == 0 or done == stop or done == start + 1:
-            nll_sum = accelerator.reduce(interval_nll, reduction="sum")
-            tok_sum = accelerator.reduce(interval_tokens, reduction="sum")
-            kl_sum = accelerator.reduce(interval_kl, reduction="sum")
-            aux_mean = accelerator.reduce(interval_aux, reduction="mean") / interval_steps
-            value = float(nll_sum / tok_sum)
-            first = value if first is None else first
-            last = value
-            if accelerator.is_main_process:
-                rec = {"step": done, "loss": round(value, 5), "aux": round(float(aux_mean), 6),
-                       **({"kl": round(float(kl_sum / tok_sum), 5)} if teacher is not None else {}),
-                       "lr": scheduler.get_last_lr()[0], "tokens": done * tokens_per_step,
-                       "elapsed_s": round(time.perf_counter() - t0, 1), "step_s": round(step_times[-1], 4)}
-                if moh:
-                    st = attn_patch.stats(model, reset=True)
-                    rec["active"] = st["active"]
-                    util = [u for layer in st["layers"] for h, u in enumerate(layer["utilisation"])
-                            if h not in layer["shared_heads"]]
-                    rec["routed_util_min_max"] = [round(min(util), 4), round(max(util), 4)] if util else None
-                if cuda:
-                    rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix_str(f"loss {value:.4f}")
-            interval_nll.zero_()
-            interval_tokens.zero_()
-            interval_aux.zero_()
-            interval_kl.zero_()
-            interval_steps = 0
-        bar.update(1)
-        if args.save_every and done % args.save_every == 0 and done < stop:
-            checkpoint(done)
-    bar.close()
-    if stop > start:  # (--steps 0 only calibrates)
-        checkpoint(stop)
-    if stop < args.steps:
-        accelerator.print(f"stopped at step {stop} of {args.steps}; continue with --resume")
+
+    def micro_step(ids):
+        nll, kl, count, aux = wrapper(ids)
+        values = {"loss": nll, "tokens": count, "aux": aux * count}  # aux: logged as its mean per window
+        if teacher is not None:
+            values["kl"] = kl
+        return (nll + args.distill * kl) / count + aux, values
+
+    def log_extra() -> dict:
+        if not moh:
+            return {}
+        st = attn_patch.stats(model, reset=True)
+        util = [u for layer in st["layers"] for h, u in enumerate(layer["utilisation"])
+                if h not in layer["shared_heads"]]
+        return {"active": st["active"],
+                "routed_util_min_max": [round(min(util), 4), round(max(util), 4)] if util else None}
+
+    final = run_steps(accelerator, args, model=wrapper, optimizer=optimizer, scheduler=scheduler,
+                      params=[p for _, p in named], windows=windows, start=start, micro_step=micro_step,
+                      checkpoint=checkpoint, out=out, desc=f"moh ({method})", log_extra=log_extra)
+    if final is None:  # --stop-at
         accelerator.end_training()
         return 0
-    elapsed = time.perf_counter() - t0
-    final = {"first_loss": first, "final_loss": last, "train_seconds": round(elapsed, 1),
-             "median_step_s": round(statistics.median(step_times[1:] or step_times), 4) if step_times else None,
-             "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
-    if cuda:
-        final["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         info = {**run_info, "training": training_info(args.steps, final)}
@@ -348,10 +282,7 @@ def main(argv=None) -> int:
             standalone.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
         (out / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        accelerator.print(f"saved {out} ({args.steps - start} steps, {elapsed:.1f} s, "
-                          f"{(args.steps - start) * tokens_per_step} tokens; loss {first} -> {last})")
-    if log is not None:
-        log.close()
+        accelerator.print(f"saved {out}")
     accelerator.end_training()
     return 0
 

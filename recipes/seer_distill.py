@@ -27,25 +27,19 @@ Output (``--out``): ``gates.safetensors`` + ``config.json`` (load with
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from attn_patch.training import HELD_OUT, HelpFormatter, lr_lambda, refuse_held_out, token_windows, window_index  # noqa: E402
+from attn_patch.training import (HelpFormatter, add_data_arguments, lr_lambda, refuse_held_out,  # noqa: E402
+                                 run_steps, token_windows)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--data", nargs="+", required=True, help="text files, directories, globs or hf:NAME")
-    ap.add_argument("--text-field", default="text", help="column of a datasets dataset")
-    ap.add_argument("--allow-eval-text", action="store_true",
-                    help=f"allow training on the held-out evaluation books ({', '.join(HELD_OUT)})")
+    add_data_arguments(ap)
     ap.add_argument("--rope-scaling", help="RoPE scaling while training (linear:4, yarn:4, ...)")
     ap.add_argument("--seq-len", type=int, default=8192, help="tokens per training sequence")
     ap.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per process")
@@ -81,7 +75,7 @@ def main(argv=None) -> int:
     from accelerate.utils import set_seed
 
     import attn_patch
-    from attn_patch.evals.common import load_model, progress
+    from attn_patch.evals.common import load_model
     from attn_patch.evals.text import load_texts
     from attn_patch.seer import distill_losses, gates_of, model_info
     from attn_patch.seer import weights as W
@@ -150,74 +144,24 @@ def main(argv=None) -> int:
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * accelerator.num_processes
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
-    bar = progress(total=args.steps, initial=start, desc="distill", disable=not accelerator.is_main_process)
-    t0 = time.perf_counter()
-    first = last = None
-    interval_loss, interval_layers, interval_n = torch.zeros((), device=device), None, 0
-    model.eval()  # the frozen model runs as at inference (no dropout); only the gates learn
-    stop = min(args.steps, args.stop_at or args.steps)
-    for step in range(start, stop):
-        total = torch.zeros((), device=device)
-        per_layer = None
-        for a in range(args.grad_accum):
-            micro = step * args.grad_accum + a
-            idx = window_index(micro, accelerator.process_index, accelerator.num_processes, args.batch_size,
-                               windows.shape[0], args.seed)
-            ids = windows[idx].to(device)
-            sync = a == args.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else nullcontext()
-            with ctx:
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-                losses = torch.stack(distill_losses(base))
-                loss = losses.sum() / args.grad_accum
-                accelerator.backward(loss)
-            total += loss.detach()
-            per_layer = losses.detach() if per_layer is None else per_layer + losses.detach()
-        if args.max_grad_norm:
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        interval_loss += total
-        interval_layers = per_layer if interval_layers is None else interval_layers + per_layer
-        interval_n += 1
-        if done % args.log_every == 0 or done == stop or done == start + 1:
-            # the mean over the steps since the last line (one window's loss alone is noisy)
-            value = float(accelerator.reduce(interval_loss, reduction="mean")) / interval_n
-            first = value if first is None else first
-            last = value
-            if accelerator.is_main_process:
-                layers = (interval_layers / (args.grad_accum * interval_n)).tolist()
-                rec = {"step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0],
-                       "tokens": done * tokens_per_step, "elapsed_s": round(time.perf_counter() - t0, 1),
-                       "layer_loss": [round(x, 4) for x in layers]}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix_str(f"loss {value:.4f}")
-            interval_loss, interval_layers, interval_n = torch.zeros((), device=device), None, 0
-        bar.update(1)
-        if args.save_every and done % args.save_every == 0 and done < stop:
-            save(ckpt, done)
-    bar.close()
-    if stop < args.steps:
-        save(ckpt, stop)
-        accelerator.print(f"stopped at step {stop} of {args.steps}; continue with --resume")
+
+    def micro_step(ids):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        losses = torch.stack(distill_losses(base))
+        n = ids.numel()  # every window has as many tokens, so these are means per window
+        return losses.sum(), {"loss": losses.sum() * n, "layer_loss": losses * n, "tokens": n}
+
+    # the frozen model runs as at inference (no dropout); only the gates learn
+    final = run_steps(accelerator, args, model=model, optimizer=optimizer, scheduler=scheduler, params=params,
+                      windows=windows, start=start, micro_step=micro_step, checkpoint=lambda step: save(ckpt, step),
+                      out=out, desc="distill", train_mode=False)
+    if final is None:  # --stop-at
         accelerator.end_training()
         return 0
-    elapsed = time.perf_counter() - t0
-    final = {"first_loss": first, "final_loss": last, "train_seconds": round(elapsed, 1),
-             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
-    save(ckpt, args.steps)
     save(out, args.steps, final)
-    accelerator.print(f"saved gates to {out} ({args.steps - start} steps, {elapsed:.1f} s, "
-                      f"{(args.steps - start) * tokens_per_step} tokens; loss {first} -> {last})")
-    if log is not None:
-        log.close()
+    accelerator.print(f"saved gates to {out}")
     accelerator.end_training()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
