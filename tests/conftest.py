@@ -28,6 +28,19 @@ def seed():
     return value
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Recipes called in-process each build an Accelerator; accelerate keeps its state per process and
+    refuses a second mixed precision (bf16 recipes after an fp32 one on a GPU), so reset it after
+    every test, as a fresh process would be."""
+    yield
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, with a floor of 1e-2 per element under ||b|| so that an exactly-zero
     reference (e.g. dq when a row sees a single key) does not turn rounding into a huge ratio."""

@@ -55,6 +55,23 @@ def test_gate_chunk_after_cache_equals_rows_of_the_full_pass(seed):
     torch.testing.assert_close(gate.logits(q2[:, :, 40:], k, q_offset=40), ragged)
 
 
+def test_gate_projections_keep_the_gate_dtype_under_autocast(seed):
+    """Under autocast the key projection comes out in bf16 while unprojected queries stay fp32; the
+    gate hands both on in its own dtype (the fused score kernel refuses mixed dtypes), and the
+    scores match those computed without autocast to bf16 accuracy."""
+    gate = SeerGate(4, 2, 16, block_size=16)
+    q, k = _qk(hq=4, t=48)
+    from attn_patch.seer import pool_gate_inputs
+
+    qb, kb = pool_gate_inputs(q, k, 16, 0)
+    want = gate.raw_scores(qb, kb, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qg, kg = gate.projected(qb, kb)
+        got = gate.raw_scores(qb, kb, 0)
+    assert qg.dtype == kg.dtype == torch.float32
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
 def test_pooling_undoes_rope_and_skips_padding(seed):
     """Given post-RoPE q/k and the model's cos/sin, the gate pools the pre-RoPE values (partial
     rotary too); padded keys do not enter the pooled keys."""

@@ -173,7 +173,9 @@ class SeerGate(nn.Module):
             kb = kb.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, NKB, 3D]
         kg = torch.einsum("bhnc,hcg->bhng", kb, self.k_weight)
         qg = torch.einsum("bhnd,hdg->bhng", qb, self.q_weight) if self.q_weight is not None else qb
-        return qg, kg
+        # under autocast the projections come out in bf16/fp16 while an unprojected qg keeps the gate's
+        # dtype: give both the gate's dtype, as documented (the fused scores need one dtype)
+        return qg.to(dtype), kg.to(dtype)
 
     def raw_scores(self, qb: torch.Tensor, kb: torch.Tensor, q_block_offset: int, fused: bool = False) -> torch.Tensor:
         """Unscaled block scores [B, Hq, NQB, NKB] from pooled inputs (their order per row is what
