@@ -1,11 +1,14 @@
 """Method "moh": Mixture-of-Head attention. Each token uses a subset of the query heads, and only
 the selected (token, head) pairs are computed (kernels/moh.py); all KV heads are kept.
 
-Per token: the first ``shared`` query heads are always on and ``top_k`` of the remaining (routed)
-heads are picked by a router attached to each attention module as ``moh_router``:
+Per token: ``shared`` query heads are always on and ``top_k`` of the remaining (routed) heads are
+picked by a router attached to each attention module as ``moh_router``. The shared heads are the
+first ones until ``calibrate(model, batches)`` ranks each layer's heads on text and shares the most
+important (and gives the norm router per-head scales); the recipe calibrates before training.
 
 - ``router="norm"`` (MoH-LLaMA3's parameter-free router): a routed head's score is the L2 norm of
-  the token's query for that head divided by the standard deviation of the query norms across the
+  the token's query for that head (over the head's calibrated mean norm, 1 before calibration)
+  divided by the standard deviation of these norms across the
   token's heads; softmax over the routed heads, top-k. Gates are binary (1 for selected heads), and
   gradients reach the queries through a straight-through estimator (the gate's value is 1, its
   gradient that of the softmax probability). RoPE rotates queries, so their norms are the pre-RoPE
@@ -61,7 +64,8 @@ class MoHConfig(MethodConfig):
     active: float | None = option(
         None, f"fraction of the query heads each token uses, rounded to whole heads (default {DEFAULT_ACTIVE}); "
         "or give shared and top_k")
-    shared: int | None = option(None, "query heads every token uses (the first ones); default half the active heads")
+    shared: int | None = option(None, "query heads every token uses (the first ones, or the most important after "
+                                     "attn_patch.moh.calibrate); default half the active heads")
     top_k: int | None = option(None, "routed heads each token picks; default the active heads minus the shared ones")
     balance_weight: float = option(0.01, "weight of the load-balance loss returned by attn_patch.aux_loss(model)")
     routers: str | None = option(
