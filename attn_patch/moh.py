@@ -8,8 +8,8 @@ important (and gives the norm router per-head scales); the recipe calibrates bef
 
 - ``router="norm"`` (MoH-LLaMA3's parameter-free router): a routed head's score is the L2 norm of
   the token's query for that head (over the head's calibrated mean norm, 1 before calibration)
-  divided by the standard deviation of these norms across the
-  token's heads; softmax over the routed heads, top-k. Gates are binary (1 for selected heads), and
+  divided by the standard deviation of these norms across the token's heads; softmax over the
+  routed heads, top-k. Gates are binary (1 for selected heads), and
   gradients reach the queries through a straight-through estimator (the gate's value is 1, its
   gradient that of the softmax probability). RoPE rotates queries, so their norms are the pre-RoPE
   norms: no hook is needed.
