@@ -58,6 +58,21 @@ def add_loop_arguments(ap, *, lr: float, schedule: str) -> None:
     ap.add_argument("--seed", type=int, default=0)
 
 
+def start_run(args, mixed_precision: str | None = None):
+    """(accelerator, documents): the run's Accelerator (``mixed_precision`` if given), the seed set,
+    and the ``--data`` documents loaded, refusing the held-out evaluation books."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .evals.text import load_texts
+
+    accelerator = Accelerator(mixed_precision=mixed_precision) if mixed_precision else Accelerator()
+    set_seed(args.seed)
+    docs = load_texts(args.data, text_field=args.text_field)
+    refuse_held_out(docs, args.allow_eval_text)
+    return accelerator, docs
+
+
 def enable_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing of the decoder layers (renamed
     activation_checkpointing_enable in transformers 5.2x; the old name warns there)."""

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 from attn_patch.training import (HelpFormatter, add_data_arguments, add_loop_arguments, chunked_lm_loss,  # noqa: E402
-                                 document_positions, enable_checkpointing, lr_lambda, refuse_held_out, run_steps,
+                                 document_positions, enable_checkpointing, lr_lambda, run_steps, start_run,
                                  token_windows)
 
 # per family: LoRA targets (q, k, v, o projections) and the embeddings and norms trained in full
@@ -144,14 +144,11 @@ def _merge_module():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     import attn_patch
     from attn_patch.evals.common import load_model
-    from attn_patch.evals.text import load_texts
     from attn_patch.models import parse_rope_scaling
 
     options = parse_options(args.attention_opt)
@@ -161,11 +158,8 @@ def main(argv=None) -> int:
         raise SystemExit("--sdpa-backend pins transformers' SDPA attention: use it with --attention sdpa")
     cuda = torch.cuda.is_available()
     precision = args.mixed_precision or ("bf16" if cuda else "no")
-    accelerator = Accelerator(mixed_precision=precision)
-    set_seed(args.seed)
+    accelerator, docs = start_run(args, precision)
     out = Path(args.out)
-    docs = load_texts(args.data, text_field=args.text_field)
-    refuse_held_out(docs, args.allow_eval_text)
     device = accelerator.device
     scaling = parse_rope_scaling(args.rope_scaling)
     model, tokenizer = load_model(args.model, device=str(device), dtype="float32", rope_scaling=scaling)

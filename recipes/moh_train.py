@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 from attn_patch.training import (HelpFormatter, add_data_arguments, add_loop_arguments,  # noqa: E402
                                  chunked_distill_loss, chunked_lm_loss, enable_checkpointing, lr_lambda,
-                                 refuse_held_out, run_steps, token_windows)
+                                 run_steps, start_run, token_windows)
 
 RUN_FILE = "attn_patch.json"
 
@@ -135,24 +135,18 @@ def _standalone():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from safetensors.torch import load_file, save_file
 
     import attn_patch
     from attn_patch.evals.common import load_model
-    from attn_patch.evals.text import load_texts
     from attn_patch.moh import save_routers
 
     if args.dense and (args.router != "norm" or args.active or args.shared is not None or args.top_k is not None):
         raise SystemExit("--dense trains the dense model: drop the MoH options")
     cuda = torch.cuda.is_available()
     precision = args.mixed_precision or ("bf16" if cuda else "no")
-    accelerator = Accelerator(mixed_precision=precision)
-    set_seed(args.seed)
+    accelerator, docs = start_run(args, precision)
     out = Path(args.out)
-    docs = load_texts(args.data, text_field=args.text_field)
-    refuse_held_out(docs, args.allow_eval_text)
     device = accelerator.device
     model, tokenizer = load_model(args.model, device=str(device), dtype="float32")
     model.config.use_cache = False

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from attn_patch.training import (HelpFormatter, add_data_arguments, lr_lambda, refuse_held_out,  # noqa: E402
-                                 run_steps, token_windows)
+from attn_patch.training import (HelpFormatter, add_data_arguments, lr_lambda,  # noqa: E402
+                                 run_steps, start_run, token_windows)
 
 
 def parse_args(argv=None):
@@ -71,20 +71,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     import attn_patch
     from attn_patch.evals.common import load_model
-    from attn_patch.evals.text import load_texts
     from attn_patch.seer import distill_losses, gates_of, model_info
     from attn_patch.seer import weights as W
 
-    accelerator = Accelerator()
-    set_seed(args.seed)
+    accelerator, docs = start_run(args)
     out = Path(args.out)
-    docs = load_texts(args.data, text_field=args.text_field)
-    refuse_held_out(docs, args.allow_eval_text)
     device = accelerator.device
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model, tokenizer = load_model(args.model, device=str(device), dtype=dtype, rope_scaling=args.rope_scaling)
