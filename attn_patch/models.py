@@ -114,3 +114,36 @@ def with_rope_scaling(config, scaling: dict):
     config.rope_parameters = params
     config.max_position_embeddings = int(base_len * params["factor"])
     return config
+
+
+def run_windows(model, batches, each=None, min_length: int = 0, **forward) -> tuple[int, int, list]:
+    """Run token-id windows ([B, T] or [T] tensors of text, no padding) through ``model`` in eval mode
+    without gradients, restoring its train/eval mode after; the calibration passes of the methods.
+    ``each(output, ids)`` is called per window batch and its results returned. ``forward``: extra model
+    arguments (``labels=True`` passes the ids as labels). Returns (tokens, windows, results)."""
+    from .errors import ConfigError
+
+    labels = forward.pop("labels", False)
+    was_training = model.training
+    device = next(model.parameters()).device
+    tokens = windows = 0
+    results = []
+    try:
+        model.eval()
+        with torch.no_grad():
+            for ids in batches:
+                ids = torch.as_tensor(ids)
+                ids = (ids[None] if ids.dim() == 1 else ids).to(device)
+                if ids.shape[1] < min_length:
+                    raise ConfigError(f"windows of {ids.shape[1]} tokens are shorter than the {min_length} this "
+                                      "calibration needs: pass longer windows")
+                out = model(input_ids=ids, use_cache=False, **({"labels": ids} if labels else {}), **forward)
+                if each is not None:
+                    results.append(each(out, ids))
+                tokens += ids.numel()
+                windows += ids.shape[0]
+    finally:
+        model.train(was_training)
+    if not tokens:
+        raise ConfigError("calibrate() got no text: pass token id tensors [B, T]")
+    return tokens, windows, results

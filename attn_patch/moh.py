@@ -42,6 +42,7 @@ from .errors import ConfigError, PatchStateError, UnsupportedModelError
 from .families import attention_modules, family_of, head_dim, head_output_maps, output_projection
 from .kernels import MAX_HEAD_DIM, head_routed_reference
 from .masks import as_attention_mask
+from .models import run_windows
 from .registry import Method, register_method
 
 ROUTER_ATTR = "moh_router"
@@ -442,27 +443,14 @@ def calibrate(model, batches, source: str | None = None) -> dict:
         maps = head_output_maps(module, h).detach().float()
         gram = maps @ maps.transpose(1, 2)  # [H, D, D]: |o_h @ maps[h]|^2 = o_h gram_h o_h
         hooks.append(output_projection(module).register_forward_pre_hook(hook(i, gram)))
-    was_training = model.training
     rt.calibrating = {}
-    tokens = n_batches = 0
     try:
-        model.eval()
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            for ids in batches:
-                ids = torch.as_tensor(ids)
-                ids = ids[None] if ids.dim() == 1 else ids
-                model(input_ids=ids.to(device), use_cache=False)
-                tokens += ids.numel()
-                n_batches += 1
-        if not tokens:
-            raise ConfigError("calibrate() got no text: pass token id tensors [B, T]")
+        tokens, n_batches, _ = run_windows(model, batches)
         qsum = rt.calibrating
     finally:
         rt.calibrating = None
         for hk in hooks:
             hk.remove()
-        model.train(was_training)
     for i, r in enumerate(routers):
         order = torch.argsort(importance[i].cpu(), descending=True, stable=True)
         r.head_order.copy_(order)
