@@ -128,11 +128,13 @@ def block_scores(qg: torch.Tensor, kg: torch.Tensor, *, block_size: int, rope_th
 
 
 @triton.jit
-def _select(S, IDX, CNT, NQ, NK, WIDTH, q_block_offset, K, thresh, logit_scale,
+def _select(S, IDX, CNT, KS, NQ, NK, NH, WIDTH, q_block_offset, K, thresh, logit_scale,
             KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr, BLOCK_N: tl.constexpr, ITERS: tl.constexpr,
-            THRESHOLD: tl.constexpr, SOFTMAX: tl.constexpr):
+            THRESHOLD: tl.constexpr, SOFTMAX: tl.constexpr, PER_HEAD: tl.constexpr):
     row = tl.program_id(0)
     i = row % NQ
+    if PER_HEAD:  # a k per head (a calibrated density budget)
+        K = tl.load(KS + (row // NQ) % NH)
     j = tl.arange(0, BLOCK_N)
     diag = tl.minimum(i + q_block_offset, NK - 1)
     visible = (j < NK) & (j <= i + q_block_offset)
@@ -179,25 +181,43 @@ def _select(S, IDX, CNT, NQ, NK, WIDTH, q_block_offset, K, thresh, logit_scale,
 _SELECT = CachedLauncher(_select)
 
 
-def topk_block_lists(scores: torch.Tensor, k: int, *, keep_sink: bool = True, keep_diagonal: bool = True,
+@functools.lru_cache(maxsize=512)
+def _device_ints(values: tuple, device: torch.device) -> torch.Tensor:
+    """The per-head k as a device tensor, made once per (values, device): the same few budgets
+    come back every layer and call, and a fresh host-to-device copy each time costs a sync."""
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def topk_block_lists(scores: torch.Tensor, k, *, keep_sink: bool = True, keep_diagonal: bool = True,
                      q_block_offset: int | None = None, threshold: float | None = None,
                      logit_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(block_indices int32 [B, H, NQB, width], block_counts int32 [B, H, NQB]) for the k best
     causally visible key blocks per row (sink and diagonal first unless turned off, counted among
-    the k). With ``threshold``, also every block whose probability is >= threshold (k is then a
-    floor; 0 for none) and width is NKB: the probabilities are ``scores`` themselves, or with
-    ``logit_scale`` the softmax over the visible blocks of ``scores * logit_scale`` (raw gate
-    scores). Slots past a row's count hold 0."""
+    the k; ``k`` an int, or one int per head). With ``threshold``, also every block whose
+    probability is >= threshold (k is then a floor; 0 for none) and width is NKB: the
+    probabilities are ``scores`` themselves, or with ``logit_scale`` the softmax over the visible
+    blocks of ``scores * logit_scale`` (raw gate scores). Slots past a row's count hold 0."""
     b, h, nq, nk = scores.shape
     q_block_offset = nk - nq if q_block_offset is None else int(q_block_offset)
     scores = scores.contiguous()
-    k = min(nk, max(int(k), int(keep_sink) + int(keep_diagonal), 0 if threshold is not None else 1))
+    low = max(int(keep_sink) + int(keep_diagonal), 0 if threshold is not None else 1)
+    per_head = not isinstance(k, int)
+    if per_head:
+        ks = [min(nk, max(int(x), low)) for x in k]
+        if len(ks) != h:
+            raise ValueError(f"{len(ks)} per-head k for scores with {h} heads")
+        k = max(ks)
+        ks = _device_ints(tuple(ks), scores.device)
+    else:
+        k = min(nk, max(int(k), low))
+        ks = scores  # unread
     width = nk if threshold is not None else k
     idx = torch.zeros((b, h, nq, width), device=scores.device, dtype=torch.int32)
     cnt = torch.empty((b, h, nq), device=scores.device, dtype=torch.int32)
-    args = (scores, idx, cnt, nq, nk, width, q_block_offset, int(k), float(threshold or 0.0), float(logit_scale or 1.0))
+    args = (scores, idx, cnt, ks, nq, nk, h, width, q_block_offset, int(k), float(threshold or 0.0),
+            float(logit_scale or 1.0))
     meta = dict(KEEP_SINK=bool(keep_sink), KEEP_DIAG=bool(keep_diagonal), BLOCK_N=max(16, _next_pow2(nk)), ITERS=40,
-                THRESHOLD=threshold is not None, SOFTMAX=logit_scale is not None)
+                THRESHOLD=threshold is not None, SOFTMAX=logit_scale is not None, PER_HEAD=per_head)
     grid = (b * h * nq,)
     if _INTERPRETING:
         _select[grid](*args, **meta)

@@ -22,7 +22,10 @@ disjoint ones, so ``--resume`` continues with exactly the batches it would have 
 
 Output (``--out``): ``gates.safetensors`` + ``config.json`` (load with
 ``attn_patch.apply(model, "seer", gates=OUT)``), ``log.jsonl`` (one line per logged step),
-``checkpoint/`` (gates, optimizer, scheduler, step) every ``--save-every`` steps and at the end.
+``checkpoint/`` (gates, optimizer, scheduler, step) every ``--save-every`` steps and at the end, and
+``calibration.json`` (``--calibrate-windows``, default 8: per layer the loss sparse attention adds,
+per head the attention mass it keeps, measured on training windows spread over the text), which
+``apply(model, "seer", density=...)`` uses to give each layer and head its own density.
 """
 from __future__ import annotations
 
@@ -65,6 +68,9 @@ def parse_args(argv=None):
     ap.add_argument("--stop-at", type=int, help="checkpoint and stop after this step (a time-sliced job; resume "
                                                   "later with --resume and the same --steps)")
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--calibrate-windows", type=int, default=8,
+                    help="after training, calibrate the gates for allocation='calibrated' on this many training "
+                         "windows spread over the text (1 + 12 x layers forward passes each); 0: skip")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -154,8 +160,28 @@ def main(argv=None) -> int:
         return 0
     save(out, args.steps, final)
     accelerator.print(f"saved gates to {out}")
+    if args.calibrate_windows > 0:
+        if accelerator.is_main_process:
+            calibrate_saved(base, out, windows, args.calibrate_windows, [Path(d).name for d in args.data])
+            accelerator.print(f"calibrated the gates on {min(args.calibrate_windows, len(windows))} windows")
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+def calibrate_saved(model, out: Path, windows: torch.Tensor, count: int, data: list[str]) -> None:
+    """Re-patch the frozen model for inference with the gates just saved and write their calibration
+    beside them (windows spread evenly over the training text)."""
+    import attn_patch
+    from attn_patch.seer import calibrate
+
+    attn_patch.remove(model)
+    pick = torch.linspace(0, windows.shape[0] - 1, min(count, windows.shape[0])).round().long().unique()
+    attn_patch.apply(model, "seer", gates=str(out), allocation="uniform", min_length=0)
+    try:
+        calibrate(model, [windows[i:i + 1] for i in pick.tolist()], save=out, source=", ".join(data))
+    finally:
+        attn_patch.remove(model)
+
 
 if __name__ == "__main__":
     sys.exit(main())

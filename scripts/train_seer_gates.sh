@@ -3,6 +3,7 @@
 #
 #   bash scripts/train_seer_gates.sh [BOOKS_DIR] [RUN_DIR]
 #       (defaults: ../shared/data/books, runs/seer-smollm2); the gates (safetensors + config.json)
+#       and their calibration (calibration.json: the recipe's --calibrate-windows, 8 training windows)
 #       are then copied to attn_patch/seer/gates/smollm2-135m-instruct/ unless SHIP=0
 #
 # Training text: moby_dick, jack_sheppard and tinyshakespeare. pride_and_prejudice and
@@ -16,6 +17,6 @@ accelerate launch --config_file recipes/configs/single_gpu.yaml recipes/seer_dis
   --seq-len 8192 --batch-size "${BATCH:-2}" --steps "${STEPS:-500}" --lr "${LR:-2e-3}" --warmup 20 \
   --block-size 64 --save-dtype bfloat16 --save-every 0 --log-every 10 --out "$out" "${@:3}"
 if [ "${SHIP:-1}" = 1 ]; then
-  mkdir -p "$ship" && cp "$out/gates.safetensors" "$out/config.json" "$ship/"
+  mkdir -p "$ship" && cp "$out/gates.safetensors" "$out/config.json" "$out/calibration.json" "$ship/"
   echo "shipped gates in $ship"
 fi

@@ -43,7 +43,7 @@ def tiny(tmp_path_factory):
 def _args(tiny, out, *extra):
     return ["--model", str(tiny / "model"), "--data", str(tiny / "train.txt"), "--seq-len", "128",
             "--block-size", "16", "--lr", "3e-2", "--warmup", "2", "--log-every", "2", "--save-every", "4",
-            "--out", str(out), *extra]
+            "--out", str(out), "--calibrate-windows", "0", *extra]
 
 
 def _distill_loss(tiny, gates):
@@ -65,18 +65,21 @@ def test_distillation_lowers_the_loss_and_saves_loadable_gates(tiny, tmp_path):
     recipe = _recipe()
     start, out = tmp_path / "start", tmp_path / "run"
     assert recipe.main(_args(tiny, start, "--steps", "0")) == 0  # the initial gates
-    assert recipe.main(_args(tiny, out, "--steps", "100", "--lr", "1e-2")) == 0
+    assert recipe.main(_args(tiny, out, "--steps", "100", "--lr", "1e-2", "--calibrate-windows", "3")) == 0
     before, after = _distill_loss(tiny, start), _distill_loss(tiny, out)
     assert after < 0.8 * before, (before, after)  # about 0.58 -> 0.31
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 1 and log[-1]["step"] == 100 and len(log[-1]["layer_loss"]) == 2
     meta = json.loads((out / "config.json").read_text())
     assert meta["training"]["step"] == 100 and meta["training"]["tokens"] == 100 * 128
+    cal = json.loads((out / "calibration.json").read_text())  # the gates come calibrated
+    assert cal["windows"] == 3 and len(cal["kept"]) == 2 and len(cal["layer_loss"]["delta"]) == 2
     model = build("llama")
-    attn_patch.apply(model, "seer", gates=str(out), density=0.5, min_length=0)
+    attn_patch.apply(model, "seer", gates=str(out), density=0.6, min_length=0)
     with torch.no_grad():
         model(torch.randint(1, 96, (1, 64)))
-    assert attn_patch.stats(model)["density"] is not None
+    st = attn_patch.stats(model)
+    assert st["density"] is not None and st["config"]["allocation"] == "calibrated" and len(st["budget"]) == 2
 
 
 def test_resume_continues_exactly(tiny, tmp_path):

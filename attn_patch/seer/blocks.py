@@ -87,12 +87,17 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
 
     ``allocation`` (density only): "uniform" gives every head the same k per row (the reference);
     "heads" lets the heads of a query-block row share their k * H blocks by gate probability, so a
-    diffuse head takes more blocks and a focused one fewer, at the same density per layer."""
+    diffuse head takes more blocks and a focused one fewer, at the same density per layer.
+    ``density`` may also be one value per head (a calibrated budget, see ``allocate_budget``)."""
     if allocation not in ("uniform", "heads"):
         raise ValueError(f"allocation must be 'uniform' or 'heads', got {allocation!r}")
     if sum(x is not None for x in (density, threshold, top_p)) != 1:
         raise ValueError("give exactly one of density, threshold and top_p")
     b, h, nq, nk = probs.shape
+    per_head = density is not None and not isinstance(density, (int, float))
+    if per_head and (len(density) != h or allocation != "uniform"):
+        raise ValueError(f"per-head densities need one value per head ({h}, got {len(density)}) and the uniform "
+                         "allocation")
     visible = block_causal_mask(nq, nk, q_block_offset, device=probs.device)
     if q_block_offset is None:
         q_block_offset = nk - nq
@@ -109,11 +114,17 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
     if density is not None:
         # top-k straight to index lists: only the k winners are sorted, never the whole [NQB, NKB]
         # map, and the width is known without reading anything back from the device
-        k = min(nk, max(topk_for_layout(float(density), nq, nk, q_block_offset), int(keep_sink) + int(keep_diagonal)))
+        low = int(keep_sink) + int(keep_diagonal)
+        ks = [min(nk, max(topk_for_layout(float(d), nq, nk, q_block_offset), low))
+              for d in (density if per_head else [density])]
+        k = max(ks)
         if allocation == "heads" and h > 1:
             return _shared_topk(ranked, k)
         top = ranked.topk(k, dim=-1)
         valid = top.values > float("-inf")
+        if per_head:  # each head keeps the first k_h of its ranked blocks
+            rank = torch.arange(k, device=probs.device)
+            valid &= rank < torch.tensor(ks, device=probs.device)[:, None, None]
         indices = torch.where(valid, top.indices, nk).sort(dim=-1).values
         counts = valid.sum(dim=-1).to(torch.int32)
     else:
@@ -153,6 +164,113 @@ def _shared_topk(ranked: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     indices = torch.where(chosen, arange, nk + arange).sort(dim=-1).values[..., :width]
     indices = torch.where(indices >= nk, torch.zeros_like(indices), indices).to(torch.int32)
     return indices.contiguous(), counts.contiguous()
+
+
+def block_mass_reference(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float | None = None,
+                         rows_per_step: int = 1024) -> torch.Tensor:
+    """Causal attention mass per (query block, key block): the exact softmax probabilities summed
+    over each key block and over the query block's rows, [B, Hq, NQB, NKB] fp32 (a row of the
+    result sums to the block's number of query rows). For the budget calibration: how much of the
+    attention a selection of blocks keeps. Whole sequences (queries and keys at the same
+    positions), ``rows_per_step`` query rows at a time (never all of N x N)."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if k.shape[2] != t:
+        raise ValueError("block_mass_reference takes whole sequences (as many queries as keys)")
+    group = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    nb = -(-t // block_size)
+    pad = nb * block_size - t
+    step = max(block_size, rows_per_step // block_size * block_size)
+    kf = k.float()[:, :, None]
+    kpos = torch.arange(t, device=q.device)
+    out = q.new_zeros((b, hq, nb, nb), dtype=torch.float32)
+    for r0 in range(0, t, step):
+        r1 = min(t, r0 + step)
+        qi = q[:, :, r0:r1].float().reshape(b, hkv, group, r1 - r0, d)
+        s = torch.matmul(qi, kf.transpose(-1, -2)) * scale
+        s = s.masked_fill(kpos[None, :] > torch.arange(r0, r1, device=q.device)[:, None], float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        p = torch.nn.functional.pad(p, (0, pad)).view(*p.shape[:-1], nb, block_size).sum(dim=-1)
+        rows = -(-(r1 - r0) // block_size) * block_size - (r1 - r0)  # only the last step can be ragged
+        p = torch.nn.functional.pad(p, (0, 0, 0, rows)).view(b, hkv, group, -1, block_size, nb).sum(dim=-2)
+        out[:, :, r0 // block_size:r0 // block_size + p.shape[3]] = p.reshape(b, hq, -1, nb)
+    return out
+
+
+def kept_mass_curve(scores: torch.Tensor, mass: torch.Tensor, densities, *, keep_sink: bool = True,
+                    keep_diagonal: bool = True, q_block_offset: int | None = None) -> torch.Tensor:
+    """The attention mass that top-k selection by ``scores`` keeps at each of ``densities``:
+    [H, len(densities)] sums over batch and query-block rows of ``mass`` (from
+    ``block_mass_reference``, summed over a KV group's query heads when ``scores`` are per group)
+    inside the selected blocks, the forced sink and diagonal blocks included, exactly as
+    ``select_blocks`` picks them (k from ``topk_for_layout``)."""
+    b, h, nq, nk = scores.shape
+    if mass.shape != scores.shape:
+        raise ValueError(f"mass {tuple(mass.shape)} and scores {tuple(scores.shape)} differ")
+    off = nk - nq if q_block_offset is None else q_block_offset
+    visible = block_causal_mask(nq, nk, off, device=scores.device)
+    ranked = scores.float().masked_fill(~visible, float("-inf"))
+    forced = torch.zeros(nq, nk, dtype=torch.bool, device=scores.device)
+    if keep_sink:
+        forced[:, 0] = True
+    if keep_diagonal:
+        forced[torch.arange(nq, device=scores.device), (torch.arange(nq, device=scores.device) + off).clamp(max=nk - 1)] = True
+    ranked = torch.where(forced & visible, float("inf"), ranked)
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    kept = mass.float().masked_fill(~visible, 0.0).gather(-1, order).cumsum(dim=-1).sum(dim=(0, 2))  # [H, NK]
+    ks = layout_ks(densities, nq, nk, off, keep_sink, keep_diagonal)
+    return kept[:, [k - 1 for k in ks]]
+
+
+def layout_ks(densities, n_q: int, n_k: int, q_block_offset: int, keep_sink: bool = True,
+              keep_diagonal: bool = True) -> list[int]:
+    """The k per row that top-k selection uses at each density on this layout (forced blocks included)."""
+    low = max(int(keep_sink) + int(keep_diagonal), 1)
+    return [min(n_k, max(topk_for_layout(float(d), n_q, n_k, q_block_offset), low)) for d in densities]
+
+
+def selected_blocks(ks, n_q: int, n_k: int, q_block_offset: int) -> tuple[list[int], int]:
+    """(blocks kept at each k, causally visible blocks) over the rows of a layout: the density a k
+    really costs, which at low densities is more than asked (a row keeps at least its forced blocks)."""
+    visible = [min(n_k, i + q_block_offset + 1) for i in range(n_q)]
+    return [sum(min(k, v) for v in visible) for k in ks], sum(visible)
+
+
+def allocate_budget(kept: torch.Tensor, densities, target: float, cost=None) -> torch.Tensor:
+    """Per-unit densities (a unit is a layer's head, or KV head) from the kept-mass curves ``kept``
+    [..., G] (fraction of the attention mass kept at each of the G increasing ``densities``): every
+    unit starts at the lowest density, then the unit whose next step gains the most kept mass per
+    unit of density moves up (looking ahead over non-concave stretches), while the mean density
+    stays <= ``target``. Maximises the total kept mass for the budget. ``cost``: the density each
+    level really selects (default: ``densities``), which ``target`` then bounds. Returns [...]
+    densities (levels of ``densities``)."""
+    dens = torch.as_tensor(densities, dtype=torch.float64)
+    price = dens if cost is None else torch.as_tensor(cost, dtype=torch.float64)
+    curves = kept.double().reshape(-1, dens.numel())
+    n = curves.shape[0]
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {target}")
+    if (dens.diff() <= 0).any() or (price.diff() < 0).any() or price.shape != dens.shape:
+        raise ValueError("calibration densities must increase, with one non-decreasing cost per density")
+    if target < float(price[0]) - 1e-9:
+        raise ValueError(f"density {target} is below the lowest the calibration offers ({float(price[0]):.4f}: at the "
+                         "calibrated length the forced sink and diagonal blocks alone may keep that much); ask for "
+                         "more, calibrate on longer windows, or pass allocation='uniform'")
+    level = torch.zeros(n, dtype=torch.long)
+    budget = (target - float(price[0])) * n  # density left to hand out (summed over units)
+    later = torch.arange(dens.numel())[None, :]
+    while True:
+        cost = price[None, :] - price[level][:, None]  # [n, G]: moving each unit to each level
+        ok = (later > level[:, None]) & (cost <= budget + 1e-9)
+        if not ok.any():
+            break
+        gain = (curves - curves.gather(1, level[:, None])) / cost.clamp_min(1e-12)
+        best = int(torch.where(ok, gain, float("-inf")).flatten().argmax())
+        unit, j = divmod(best, dens.numel())
+        budget -= float(cost[unit, j])
+        level[unit] = j
+    return dens[level].reshape(kept.shape[:-1])
 
 
 def achieved_density(counts: torch.Tensor, n_k: int, q_block_offset: int | None = None) -> torch.Tensor:

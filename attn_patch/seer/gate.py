@@ -123,6 +123,7 @@ class SeerGate(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size, self.gate_dim, self.selection, self.rope_theta = block_size, gate_dim, selection, rope_theta
         self.k_proj_per = k_proj_per
+        self.budget: tuple[float, ...] | None = None  # per-unit densities of allocation="calibrated" (set by apply)
         n_k = num_heads if k_proj_per == "head" else num_kv_heads
         # per-head projections as batched weights [heads, in, out] (one einsum, no Python loop)
         self.k_weight = nn.Parameter(torch.empty(n_k, 3 * head_dim, gate_dim))

@@ -32,15 +32,23 @@ from ..errors import ConfigError, PatchStateError, UnsupportedModelError
 from ..families import attention_modules, family_of, head_dim
 from ..kernels import MAX_HEAD_DIM, attention_reference
 from ..masks import as_attention_mask
+from ..models import run_windows
 from ..registry import Method, register_method
 from . import weights as W
-from .blocks import ground_truth_reference, select_blocks, topk_for_layout
+from .blocks import (allocate_budget, block_mass_reference, ground_truth_reference, kept_mass_curve, layout_ks,
+                     select_blocks, selected_blocks, topk_for_layout)
 from .gate import SeerGate, pool_gate_inputs
 
 DEFAULT_DENSITY = 0.2
 DEFAULT_BLOCK = 64
 UNTRAINED = "untrained"
 GATE_ATTR = "seer_gate"
+# the layer densities whose effect on the loss a calibration measures (one layer sparse at a time)
+LAYER_DENSITIES = (0.04, 0.06, 0.08, 0.1, 0.13, 0.17, 0.22, 0.3, 0.4, 0.5, 0.7, 0.9)
+# the densities a calibration measures the kept attention mass at (allocation="calibrated" picks
+# each head's density among them): fine steps where budgets are tight
+CALIBRATION_DENSITIES = (0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2,
+                         0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass
@@ -69,10 +77,16 @@ class SeerConfig(MethodConfig):
         False, "select from the exact block ground truth (the distillation target) instead of the gate: an "
         "upper bound for what a gate can reach at the same selection rule; runs dense attention first, so "
         "for evaluation only (whole unpadded sequences)")
-    allocation: str = option(
-        "uniform", "with density: 'uniform' keeps the same number of blocks per row for every head (the "
+    allocation: str | None = option(
+        None, "with density: 'uniform' keeps the same number of blocks per row for every head (the "
         "reference); 'heads' lets a row's heads share their blocks by gate probability (diffuse heads get "
-        "more), same density per layer", choices=("uniform", "heads"))
+        "more), same density per layer; 'calibrated' gives every layer and head its own density, from the "
+        "gates' calibration (attn_patch.seer.calibrate: the loss each layer adds when sparse, the attention "
+        "mass each head keeps), at the same mean density; None: 'calibrated' when the gates have a "
+        "calibration.json beside them (the shipped ones do), else 'uniform'",
+        choices=(None, "uniform", "heads", "calibrated"))
+    calibration: str | None = option(
+        None, "with allocation='calibrated': the calibration.json to use (default: the one beside the gates)")
     keep_sink: bool = option(True, "always keep the first key block (attention sink)")
     keep_diagonal: bool = option(True, "always keep the query block's own (diagonal) key block")
     dense_last: int = option(
@@ -101,6 +115,11 @@ class SeerConfig(MethodConfig):
                               "selection; with density, raise the density instead")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p is a probability mass in (0, 1], got {self.top_p}")
+        if self.allocation == "calibrated" and (self.threshold is not None or self.top_p is not None):
+            raise ConfigError("allocation='calibrated' shares out a density; it does not combine with threshold "
+                              "or top_p")
+        if self.calibration is not None and self.allocation != "calibrated":
+            raise ConfigError("calibration= is read by allocation='calibrated' only; add it or drop calibration")
         if self.density is not None and not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -122,7 +141,8 @@ class SeerConfig(MethodConfig):
             return {"threshold": self.threshold, **floor}
         if self.top_p is not None:
             return {"top_p": self.top_p, **floor}
-        return {"density": DEFAULT_DENSITY if self.density is None else self.density, "allocation": self.allocation}
+        return {"density": DEFAULT_DENSITY if self.density is None else self.density,
+                "allocation": self.allocation or "uniform"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,6 +221,9 @@ class SeerRuntime:
         self.rotary = _rotary(model)
         self.dense_config = FlashConfig(backend=config.backend)
         self.losses: list[torch.Tensor] = []
+        self.calibrating: dict | None = None  # layer -> [kept mass per unit and density, total mass per unit]
+        self.probe: tuple | None = None  # (layer, per-unit densities): that layer sparse, every other dense
+        self.allocation: str | None = config.allocation  # resolved by attach
         self._rope_key = None
         self._rope = None
         self.reset_stats()
@@ -268,6 +291,8 @@ def attach(model, config: SeerConfig) -> None:
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     runtime = SeerRuntime(model, config, gates[0].block_size)
+    runtime.allocation = _allocation(config, path)
+    budget = _budget(config, path, gates) if runtime.allocation == "calibrated" else [None] * len(gates)
     for i, (module, gate) in enumerate(zip(attention_modules(model), gates)):
         if hasattr(module, GATE_ATTR):
             raise PatchStateError(f"attention module {i} already has a {GATE_ATTR!r} attribute")
@@ -275,7 +300,57 @@ def attach(model, config: SeerConfig) -> None:
         gate.layer_index = i
         gate.runtime = runtime
         gate.source = path or UNTRAINED
+        gate.budget = budget[i]
         module.add_module(GATE_ATTR, gate)
+
+
+def _allocation(config: SeerConfig, path: str | None) -> str | None:
+    """The allocation this apply runs: as given, or (None) calibrated when selecting by density with
+    gates that have a calibration beside them. None for threshold and top_p selection."""
+    if config.threshold is not None or config.top_p is not None:
+        return None
+    if config.allocation is not None:
+        return config.allocation
+    if path is not None and not config.distill and W.calibration_file(path).is_file():
+        return "calibrated"
+    return "uniform"
+
+
+def _budget(config: SeerConfig, path: str | None, gates: list[SeerGate]) -> list[tuple[float, ...]]:
+    """Per layer, the density of each selection unit from the gates' calibration."""
+    if path is None:
+        raise ConfigError("allocation='calibrated' needs trained, calibrated gates; untrained gates have no "
+                          "calibration (use allocation='uniform' while distilling)")
+    cal = W.read_calibration(config.calibration or path, path)
+    units = gates[0].num_heads if gates[0].selection == "head" else gates[0].num_kv_heads
+    kept = torch.tensor(cal["kept"], dtype=torch.float64)
+    want = (len(gates), units, len(cal["densities"]))
+    if cal.get("selection") != gates[0].selection or tuple(kept.shape) != want:
+        raise ConfigError(f"the calibration at {config.calibration or path} was measured for selection="
+                          f"{cal.get('selection')!r} with {tuple(kept.shape)[:2]} (layers, units); these gates select "
+                          f"per {gates[0].selection!r} with {want[:2]}: calibrate with the selection you run")
+    target = DEFAULT_DENSITY if config.density is None else config.density
+    try:
+        return plan_budget(cal, target)
+    except ValueError as exc:
+        raise ConfigError(f"allocation='calibrated': {exc}") from None
+
+
+def plan_budget(calibration: dict, density: float) -> list[tuple[float, ...]]:
+    """Per layer, the density of each selection unit for a mean ``density``. With the calibration's
+    measured loss per layer ("layer_loss"), layers first get the densities that add the least loss in
+    total (each layer's loss increase measured alone, summed), then each layer's heads share its
+    density by kept attention mass; without it, the heads of all layers share the whole budget by
+    kept mass."""
+    kept = torch.tensor(calibration["kept"], dtype=torch.float64)
+    dens, cost = calibration["densities"], calibration["cost"]
+    probe = calibration.get("layer_loss")
+    if probe is None:
+        return [tuple(float(x) for x in row) for row in allocate_budget(kept, dens, density, cost)]
+    levels = list(probe["densities"]) + [1.0]
+    gain = -torch.tensor([row + [0.0] for row in probe["delta"]], dtype=torch.float64)  # dense adds no loss
+    layers = allocate_budget(gain, levels, max(density, levels[0]))
+    return [tuple(float(x) for x in allocate_budget(kept[i], dens, float(d), cost)) for i, d in enumerate(layers)]
 
 
 def detach(model) -> None:
@@ -313,7 +388,10 @@ def attention(config: SeerConfig, module, query, key, value, attention_mask, sca
 
     if config.distill:
         return _distill(gate, rt, mask, query, key, value, scale, kernel, kwargs.get("position_ids"))
-    if tq < bs or tk < config.min_length:
+    if rt.calibrating is not None:
+        return _calibrate_call(gate, rt, mask, query, key, value, scale, kernel, kwargs.get("position_ids"))
+    probe = rt.probe
+    if tq < bs or tk < config.min_length or (probe is not None and probe[0] != gate.layer_index):
         from ..flash import attention as dense
 
         rt.record(gate.layer_index, None, 0)
@@ -325,8 +403,13 @@ def attention(config: SeerConfig, module, query, key, value, attention_mask, sca
     qb, kb = _pooled(rt, gate, query, key, value, mask, kernel, kwargs.get("position_ids"))
     off = q_offset // bs
     oracle = _oracle_probs(mask, query, key, bs, scale, kernel) if config.oracle else None
+    chosen = config.selection_args()
+    if gate.budget is not None:
+        chosen = {"density": gate.budget}
+    if probe is not None:
+        chosen = {"density": probe[1]}
     idx, cnt = choose_blocks(gate, qb, kb, off, kernel=kernel, keep_sink=config.keep_sink,
-                             keep_diagonal=config.keep_diagonal, probs=oracle, **config.selection_args())
+                             keep_diagonal=config.keep_diagonal, probs=oracle, **chosen)
     nq, nk = qb.shape[2], kb.shape[2]
     tail = min(config.dense_last, tq)  # query rows that run dense
     split = tq + lead - tail  # rows of the front-padded queries that run sparse
@@ -418,7 +501,10 @@ def choose_blocks(gate: SeerGate, qb: torch.Tensor, kb: torch.Tensor, q_block_of
         else:
             scores = gate.probs(gate.score(qb, kb, q_block_offset, fused=True))
         if density is not None:
-            k = topk_for_layout(float(density), nq, nk, q_block_offset)
+            if isinstance(density, (int, float)):
+                k = topk_for_layout(float(density), nq, nk, q_block_offset)
+            else:  # one density per selection unit
+                k = [topk_for_layout(float(d), nq, nk, q_block_offset) for d in density]
             return topk_block_lists(scores, k, keep_sink=keep_sink, keep_diagonal=keep_diagonal,
                                     q_block_offset=q_block_offset)
         k = 0 if min_density is None else topk_for_layout(float(min_density), nq, nk, q_block_offset)
@@ -496,6 +582,42 @@ def _distill(gate, rt, mask, query, key, value, scale, kernel: bool, position_id
     return out.transpose(1, 2), None
 
 
+def _calibrate_call(gate, rt, mask, query, key, value, scale, kernel: bool, position_ids):
+    """Calibration: the exact dense output, plus how much attention mass top-k selection by the gate
+    keeps at each calibration density, accumulated per layer and selection unit."""
+    tq, tk = query.shape[2], key.shape[2]
+    if tq != tk or mask.key_padding is not None:
+        raise ConfigError("calibration measures whole unpadded sequences: call the model without a KV cache or "
+                          "padding (attn_patch.seer.calibrate does)")
+    _check_mask(mask, tk)
+    with torch.no_grad():
+        if kernel:
+            from ..kernels.flash import flash_attention
+
+            out = flash_attention(query, key, value, scale=scale, **mask.kernel_args())[0]
+        else:
+            out = attention_reference(query, key, value, scale=scale, **mask.kernel_args())[0]
+        qb, kb = _pooled(rt, gate, query, key, value, mask, kernel, position_ids)
+        scores = gate.probs(gate.score(qb, kb, 0, fused=kernel))
+        mass = block_mass_reference(query, key, block_size=gate.block_size, scale=scale)
+        if gate.selection == "group":
+            b, hq, n, _ = mass.shape
+            mass = mass.view(b, gate.num_kv_heads, hq // gate.num_kv_heads, n, n).sum(dim=2)
+        cfg = rt.config
+        dens = rt.calibrating["densities"]
+        kept = kept_mass_curve(scores, mass, dens, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal,
+                               q_block_offset=0).double()
+        total = mass.sum(dim=(0, 2, 3)).double()
+    n = qb.shape[2]
+    blocks, visible = selected_blocks(layout_ks(dens, n, n, 0, cfg.keep_sink, cfg.keep_diagonal), n, n, 0)
+    acc = rt.calibrating.setdefault(gate.layer_index, [0.0, 0.0, 0.0, 0])
+    acc[0] = acc[0] + kept
+    acc[1] = acc[1] + total
+    acc[2] = acc[2] + torch.tensor(blocks, dtype=torch.float64) * query.shape[0]
+    acc[3] += visible * query.shape[0]
+    return out.transpose(1, 2), None
+
+
 def block_kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(target || softmax(logits)) per query-block row, averaged over rows, heads and batch."""
     logq = torch.log_softmax(logits, dim=-1)
@@ -518,6 +640,86 @@ def distill_losses(model, clear: bool = True) -> list[torch.Tensor]:
     return losses
 
 
+def calibrate(model, batches, densities=CALIBRATION_DENSITIES, save=None, source: str | None = None,
+              layer_densities=LAYER_DENSITIES) -> dict:
+    """Measure, per layer and selection unit (query head; KV head for group selection), the fraction of
+    the exact attention mass that top-k selection by the model's gates keeps at each of ``densities``.
+    ``allocation="calibrated"`` then shares a mean density out among the heads to keep the most mass:
+    a head whose attention sits in few blocks gets few, a diffuse one (or one the gate predicts badly)
+    more. The forward runs dense exact attention.
+
+    ``batches``: token id tensors [B, T] (or [T]) of text not used for evaluation, no padding, T at
+    least ``min_length`` (the layouts the sparse path sees). ``save``: a gate directory (or gates
+    file) to write ``calibration.json`` beside, tied to that gates file. Returns the calibration.
+
+    With ``layer_densities`` (default; empty to skip), it then runs the text once per layer and
+    density with only that layer sparse (its heads sharing the density by kept mass) and records
+    the mean loss increase over dense ("layer_loss"): layers differ in how much their errors cost
+    downstream, which kept mass alone does not see. That is 1 + layers x densities forward passes."""
+    gates = gates_of(model)
+    rt: SeerRuntime = gates[0].runtime
+    if rt.config.distill:
+        raise ConfigError("calibrate() runs on a model patched for inference, not distill=True")
+    dens = [float(d) for d in densities]
+    if not dens or any(not 0.0 < d <= 1.0 for d in dens) or any(b <= a for a, b in zip(dens, dens[1:])):
+        raise ConfigError(f"calibration densities must increase within (0, 1], got {dens}")
+    batches = list(batches)
+    rt.calibrating = {"densities": dens}
+    try:
+        tokens, windows, _ = run_windows(model, batches, min_length=max(rt.config.min_length, gates[0].block_size),
+                                         logits_to_keep=1)
+        acc = {k: v for k, v in rt.calibrating.items() if k != "densities"}
+    finally:
+        rt.calibrating = None
+    if len(acc) != len(gates):
+        raise ConfigError("calibrate(): the forward skipped attention layers; pass token id tensors [B, T] of text")
+    kept = [(acc[i][0] / acc[i][1][:, None]).clamp(max=1.0) for i in range(len(gates))]
+    cost = acc[0][2] / acc[0][3]  # the same layouts in every layer
+    calibration = {"selection": gates[0].selection, "block_size": gates[0].block_size,
+                   "keep_sink": rt.config.keep_sink, "keep_diagonal": rt.config.keep_diagonal,
+                   "densities": dens, "cost": [round(float(c), 6) for c in cost],
+                   "tokens": tokens, "windows": windows, "source": source,
+                   "kept": [[[round(float(x), 6) for x in unit] for unit in layer] for layer in kept]}
+    if layer_densities:
+        calibration["layer_loss"] = _layer_loss(model, batches, calibration, [float(d) for d in layer_densities])
+    if save is not None:
+        W.save_calibration(calibration, save)
+    return calibration
+
+
+def _layer_loss(model, batches, calibration: dict, levels: list[float]) -> dict:
+    """Mean next-token loss increase over dense attention with one layer sparse at each density."""
+    gates = gates_of(model)
+    rt: SeerRuntime = gates[0].runtime
+    low = calibration["cost"][0]
+    if any(b <= a for a, b in zip(levels, levels[1:])) or not 0.0 < levels[0] or levels[-1] >= 1.0:
+        raise ConfigError(f"layer densities must increase within (0, 1), got {levels}")
+    # densities below what the forced sink and diagonal blocks already keep at this length select
+    # the same blocks as that floor: measured once, at the floor
+    levels = sorted({max(d, round(low + 5e-7, 6)) for d in levels})
+    kept = torch.tensor(calibration["kept"], dtype=torch.float64)
+
+    def loss() -> float:
+        _, n, losses = run_windows(model, batches, lambda out, ids: float(out.loss) * ids.shape[0], labels=True)
+        return sum(losses) / n
+
+    delta = []
+    try:
+        rt.probe = (-1, None)  # every layer dense
+        base = loss()
+        for i in range(len(gates)):
+            row = []
+            for d in levels:
+                split = allocate_budget(kept[i], calibration["densities"], d, calibration["cost"])
+                rt.probe = (i, tuple(float(x) for x in split))
+                row.append(round(loss() - base, 6))
+            delta.append(row)
+    finally:
+        rt.probe = None
+        rt.reset_stats()
+    return {"densities": levels, "base_loss": round(base, 6), "delta": delta}
+
+
 def stats(model, reset: bool = False) -> dict:
     """Achieved block density per layer and head (selected / causally visible key blocks, over all
     sparse calls since apply or the last reset), and how many calls ran sparse and dense."""
@@ -538,6 +740,10 @@ def stats(model, reset: bool = False) -> dict:
     out = {"method": "seer", "block_size": rt.block_size, "selection": gates[0].selection,
            "density": round(total_sel / total_vis, 4) if total_vis else None, "layers": layers,
            "config": rt.config.selection_args()}
+    if rt.allocation is not None:
+        out["config"]["allocation"] = rt.allocation
+    if gates[0].budget is not None:
+        out["budget"] = [list(g.budget) for g in gates]
     if reset:
         rt.reset_stats()
     return out
@@ -558,4 +764,4 @@ SEER = register_method(Method(
     detach=detach,
 ))
 
-__all__ = ["SeerConfig", "stats", "distill_losses", "save_gates", "gates_of", "model_info", "block_kl"]
+__all__ = ["SeerConfig", "stats", "distill_losses", "save_gates", "gates_of", "model_info", "block_kl", "calibrate"]

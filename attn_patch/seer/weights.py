@@ -12,9 +12,16 @@ projection, ``layers.<i>.q_weight``) and ``<dir>/config.json``::
 
 Loading is strict: the model's shape must match "model", and the tensors must be exactly the
 expected keys with the expected shapes.
+
+An optional ``<dir>/calibration.json`` (written by ``attn_patch.seer.calibrate``) holds, per layer
+and selection unit (query head, or KV head for group selection), the fraction of the attention mass
+that top-k selection by these gates keeps at each of a grid of densities; ``allocation="calibrated"``
+turns it into per-head densities. It records the SHA-256 of the gates file it was measured with,
+and loading it beside other gates is an error.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +35,8 @@ FORMAT = "attn_patch.seer_gates"
 VERSION = 1
 WEIGHTS_NAME = "gates.safetensors"
 CONFIG_NAME = "config.json"
+CALIBRATION_NAME = "calibration.json"
+CALIBRATION_FORMAT = "attn_patch.seer_calibration"
 GATE_KEYS = ("block_size", "gate_dim", "q_proj", "k_proj_per", "selection", "rope_theta")
 # gate sets shipped inside the package, by the model they were trained for
 SHIPPED_DIR = Path(__file__).resolve().parent / "gates"
@@ -117,3 +126,49 @@ def load_state(gates: list[SeerGate], tensors: dict[str, torch.Tensor], where) -
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key].to(param.device, param.dtype))
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_calibration(calibration: dict, gates_path) -> Path:
+    """Write ``calibration`` (from ``attn_patch.seer.calibrate``) beside the gates at ``gates_path``,
+    tied to that gates file by its SHA-256; returns the file written."""
+    weights, _ = _paths(gates_path)
+    if not weights.is_file():
+        raise ConfigError(f"no gate weights at {weights}: save the gates first (attn_patch.seer.save_gates), the "
+                          "calibration is tied to that file")
+    out = calibration_file(weights)
+    data = {"format": CALIBRATION_FORMAT, "version": 1, "gates_sha256": file_sha256(weights), **calibration}
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    return out
+
+
+def calibration_file(gates_path) -> Path:
+    """Where the calibration of the gates at ``gates_path`` lives."""
+    return _paths(gates_path)[0].with_name(CALIBRATION_NAME)
+
+
+def read_calibration(path, gates_path) -> dict:
+    """The calibration at ``path`` (a calibration.json, or a gate directory holding one), checked to
+    belong to the gates file at ``gates_path``."""
+    path = Path(os.fspath(path)).expanduser()
+    if path.is_dir() or path.suffix == ".safetensors":
+        path = calibration_file(path)
+    if not path.is_file():
+        raise ConfigError(f"allocation='calibrated' needs a calibration of the gates, and there is none at {path}: "
+                          "measure one with attn_patch.seer.calibrate(model, batches, save=GATES_DIR) (or "
+                          "recipes/seer_distill.py --calibrate-windows N), or use allocation='uniform'")
+    data = json.loads(path.read_text())
+    if data.get("format") != CALIBRATION_FORMAT or data.get("version") != 1:
+        raise ConfigError(f"{path} is not an attn_patch seer calibration (version 1)")
+    weights, _ = _paths(gates_path)
+    if data.get("gates_sha256") != file_sha256(weights):
+        raise ConfigError(f"the calibration at {path} was measured with other gates than {weights}; calibrate "
+                          "these gates again (attn_patch.seer.calibrate)")
+    return data
