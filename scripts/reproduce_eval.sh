@@ -5,9 +5,9 @@
 #
 #   bash scripts/reproduce_eval.sh [BOOKS_DIR] [OUT_DIR]      (defaults: ../shared/data/books, results/eval/<gpu>)
 #   STEPS="ppl needle" bash scripts/reproduce_eval.sh ...      (a subset of: ppl needle passkey e2e seer)
-#   "seer": the shipped SeerAttention gates at densities 0.5/0.2/0.1, threshold 0.012 and the oracle
-#   (8k perplexity), density 0.2 and threshold 0.012 (needle), and the whole-model prefill at 8k-32k,
-#   into $OUT/seer
+#   "seer": the shipped SeerAttention gates at densities 0.5/0.2/0.1 (their default calibrated allocation,
+#   and 0.2/0.1 with the uniform one), threshold 0.012 and the oracle (8k perplexity), densities 0.2/0.1
+#   and threshold 0.012 (needle), and the whole-model prefill at 8k-32k, into $OUT/seer
 #
 # Evaluation text is held out from training: pride_and_prejudice.txt and news_from_nowhere.txt are
 # only ever evaluated on; the recipes train on the other books.
@@ -32,13 +32,15 @@ want e2e && run bench e2e --lengths 4096 8192 16384 32768 --rope-scaling linear:
 if want seer; then
   mkdir -p "$out/seer"
   run eval ppl --data "${held[@]}" --lengths 8192 --method flash --method seer:density=0.5 --method seer:density=0.2 \
-    --method seer:density=0.1 --method seer:threshold=0.012 --method seer:threshold=0.02,min_density=0.05 \
-    --method seer:density=0.2,oracle=true --method seer:density=0.1,oracle=true \
-    --out "$out/seer" > "$out/seer/perplexity.log" 2>&1
+    --method seer:density=0.1 --method seer:density=0.2,allocation=uniform --method seer:density=0.1,allocation=uniform \
+    --method seer:threshold=0.012 --method seer:density=0.1,oracle=true,allocation=uniform \
+    --method seer:density=0.1,oracle=true --out "$out/seer" > "$out/seer/perplexity.log" 2>&1
   run eval needle --haystack "${held[@]}" --lengths 1024 2048 4096 8192 --depths 0 25 50 75 100 --trials 3 \
-    --method flash --method seer:density=0.2 --method seer:threshold=0.012 --out "$out/seer" > "$out/seer/needle.log" 2>&1
+    --method flash --method seer:density=0.2 --method seer:density=0.1 --method seer:threshold=0.012 \
+    --out "$out/seer" > "$out/seer/needle.log" 2>&1
   run bench e2e --lengths 8192 16384 32768 --rope-scaling linear:4 --decode-tokens 8 --reps 10 --method sdpa-flash \
     --method sdpa-cudnn --method flash --method seer:density=0.1 --method seer:density=0.2 \
-    --method seer:threshold=0.012 --results "$out/seer/e2e.csv" --out "$out/seer" > "$out/seer/e2e.log" 2>&1
+    --method seer:density=0.1,allocation=uniform --method seer:threshold=0.012 --results "$out/seer/e2e.csv" \
+    --out "$out/seer" > "$out/seer/e2e.log" 2>&1
 fi
 echo "results in $out" >&2
