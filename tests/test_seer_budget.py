@@ -226,6 +226,8 @@ def test_calibration_errors_name_the_fix(seed, tmp_path):
         calibrate(model, [ids], save=path, layer_densities=())
     with pytest.raises(ConfigError, match="below the lowest"):  # 8 blocks: the forced ones are ~40%
         attn_patch.apply(model, "seer", gates=str(path), density=0.1)
+    with pytest.raises(ConfigError, match="keep_sink=True, this apply asks for keep_sink=False"):
+        attn_patch.apply(model, "seer", gates=str(path), density=0.7, keep_sink=False)
     other = build("llama").to(DEVICE)
     attn_patch.apply(other, "seer", gates="untrained", block_size=16)
     save_gates(other, path)  # new gates over the calibrated ones

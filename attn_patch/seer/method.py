@@ -329,6 +329,13 @@ def _budget(config: SeerConfig, path: str | None, gates: list[SeerGate]) -> list
         raise ConfigError(f"the calibration at {config.calibration or path} was measured for selection="
                           f"{cal.get('selection')!r} with {tuple(kept.shape)[:2]} (layers, units); these gates select "
                           f"per {gates[0].selection!r} with {want[:2]}: calibrate with the selection you run")
+    forced = {k: (cal.get(k), getattr(config, k)) for k in ("keep_sink", "keep_diagonal")
+              if cal.get(k) != getattr(config, k)}
+    if forced:
+        raise ConfigError(f"the calibration at {config.calibration or path} was measured with "
+                          f"{', '.join(f'{k}={v[0]}' for k, v in forced.items())}, this apply asks for "
+                          f"{', '.join(f'{k}={v[1]}' for k, v in forced.items())}: calibrate with the same forced "
+                          "blocks, or use allocation='uniform'")
     target = DEFAULT_DENSITY if config.density is None else config.density
     try:
         return plan_budget(cal, target)
