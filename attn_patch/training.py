@@ -102,6 +102,13 @@ def token_windows(tokenizer, docs, seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def spread_windows(windows: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``count`` windows [1, T] spread evenly over ``windows`` [N, T] (every document sampled, not the
+    first ones): the calibration text of the recipes and scripts."""
+    pick = torch.linspace(0, windows.shape[0] - 1, min(count, windows.shape[0])).round().long().unique()
+    return [windows[i:i + 1] for i in pick.tolist()]
+
+
 def document_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """Position ids that restart after every EOS in each row of ``ids`` [B, T]: transformers reads
     restarting position ids as packed documents and masks attention across their boundaries."""

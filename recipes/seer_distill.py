@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 from attn_patch.training import (HelpFormatter, add_data_arguments, lr_lambda,  # noqa: E402
-                                 run_steps, start_run, token_windows)
+                                 run_steps, spread_windows, start_run, token_windows)
 
 
 def parse_args(argv=None):
@@ -175,10 +175,9 @@ def calibrate_saved(model, out: Path, windows: torch.Tensor, count: int, data: l
     from attn_patch.seer import calibrate
 
     attn_patch.remove(model)
-    pick = torch.linspace(0, windows.shape[0] - 1, min(count, windows.shape[0])).round().long().unique()
     attn_patch.apply(model, "seer", gates=str(out), allocation="uniform", min_length=0)
     try:
-        calibrate(model, [windows[i:i + 1] for i in pick.tolist()], save=out, source=", ".join(data))
+        calibrate(model, spread_windows(windows, count), save=out, source=", ".join(data))
     finally:
         attn_patch.remove(model)
 

@@ -39,28 +39,25 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     import attn_patch
     from attn_patch.evals.common import default_device, load_model
     from attn_patch.evals.text import load_texts
     from attn_patch.seer import calibrate, gates_of
-    from attn_patch.training import refuse_held_out, token_windows
+    from attn_patch.training import refuse_held_out, spread_windows, token_windows
 
     docs = load_texts(args.data, text_field=args.text_field)
     refuse_held_out(docs, args.allow_eval_text)
     device = default_device()
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     model, tokenizer = load_model(args.model, device=device, dtype=dtype, rope_scaling=args.rope_scaling)
-    windows = token_windows(tokenizer, docs, args.seq_len)
-    pick = torch.linspace(0, windows.shape[0] - 1, min(args.windows, windows.shape[0])).round().long().unique()
+    windows = spread_windows(token_windows(tokenizer, docs, args.seq_len), args.windows)
     opts = {"gates": args.gates} if args.gates else {}
     if args.block_size:
         opts["block_size"] = args.block_size
     attn_patch.apply(model, "seer", **opts)
     source = gates_of(model)[0].source
     t0 = time.perf_counter()
-    cal = calibrate(model, [windows[i:i + 1] for i in pick.tolist()], save=source,
+    cal = calibrate(model, windows, save=source,
                     source=", ".join(Path(d.name).name for d in docs))
     seconds = time.perf_counter() - t0
     at = cal["densities"].index(0.1) if 0.1 in cal["densities"] else len(cal["densities"]) // 2

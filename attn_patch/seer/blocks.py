@@ -98,19 +98,9 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
     if per_head and (len(density) != h or allocation != "uniform"):
         raise ValueError(f"per-head densities need one value per head ({h}, got {len(density)}) and the uniform "
                          "allocation")
-    visible = block_causal_mask(nq, nk, q_block_offset, device=probs.device)
     if q_block_offset is None:
         q_block_offset = nk - nq
-    scores = probs.float().masked_fill(~visible, float("-inf"))
-    forced = torch.zeros(nq, nk, dtype=torch.bool, device=probs.device)
-    if keep_sink:
-        forced[:, 0] = True
-    if keep_diagonal:
-        diag = (torch.arange(nq, device=probs.device) + q_block_offset).clamp(max=nk - 1)
-        forced[torch.arange(nq, device=probs.device), diag] = True
-    forced &= visible
-    # forced blocks rank first, then by probability
-    ranked = torch.where(forced, torch.full_like(scores, float("inf")), scores)
+    visible, scores, forced, ranked = _ranked(probs, keep_sink, keep_diagonal, q_block_offset)
     if density is not None:
         # top-k straight to index lists: only the k winners are sorted, never the whole [NQB, NKB]
         # map, and the width is known without reading anything back from the device
@@ -147,6 +137,22 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
         indices = torch.where(chosen, arange, nk + arange).sort(dim=-1).values[..., :width]
     indices = torch.where(indices >= nk, torch.zeros_like(indices), indices).to(torch.int32)
     return indices.contiguous(), counts.contiguous()
+
+
+def _ranked(scores: torch.Tensor, keep_sink: bool, keep_diagonal: bool, q_block_offset: int):
+    """(visible [NQB, NKB], scores with -inf where not visible, forced blocks, ranking scores): the
+    order top-k selection takes, the forced sink and diagonal blocks first (+inf), then by score."""
+    nq, nk = scores.shape[-2:]
+    visible = block_causal_mask(nq, nk, q_block_offset, device=scores.device)
+    masked = scores.float().masked_fill(~visible, float("-inf"))
+    forced = torch.zeros(nq, nk, dtype=torch.bool, device=scores.device)
+    if keep_sink:
+        forced[:, 0] = True
+    if keep_diagonal:
+        rows = torch.arange(nq, device=scores.device)
+        forced[rows, (rows + q_block_offset).clamp(max=nk - 1)] = True
+    forced &= visible
+    return visible, masked, forced, torch.where(forced, torch.full_like(masked, float("inf")), masked)
 
 
 def _shared_topk(ranked: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,14 +215,7 @@ def kept_mass_curve(scores: torch.Tensor, mass: torch.Tensor, densities, *, keep
     if mass.shape != scores.shape:
         raise ValueError(f"mass {tuple(mass.shape)} and scores {tuple(scores.shape)} differ")
     off = nk - nq if q_block_offset is None else q_block_offset
-    visible = block_causal_mask(nq, nk, off, device=scores.device)
-    ranked = scores.float().masked_fill(~visible, float("-inf"))
-    forced = torch.zeros(nq, nk, dtype=torch.bool, device=scores.device)
-    if keep_sink:
-        forced[:, 0] = True
-    if keep_diagonal:
-        forced[torch.arange(nq, device=scores.device), (torch.arange(nq, device=scores.device) + off).clamp(max=nk - 1)] = True
-    ranked = torch.where(forced & visible, float("inf"), ranked)
+    visible, _, _, ranked = _ranked(scores, keep_sink, keep_diagonal, off)
     order = ranked.argsort(dim=-1, descending=True, stable=True)
     kept = mass.float().masked_fill(~visible, 0.0).gather(-1, order).cumsum(dim=-1).sum(dim=(0, 2))  # [H, NK]
     ks = layout_ks(densities, nq, nk, off, keep_sink, keep_diagonal)
