@@ -76,11 +76,23 @@ def load_default_model(path: str | os.PathLike | None = None, *, dtype: torch.dt
     return model.to(device).eval(), tokenizer
 
 
-ROPE_TYPES = ("linear", "dynamic", "yarn")
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3", "ntk", "theta")
+_ROPE_HELP = ("use TYPE:FACTOR with TYPE one of linear, dynamic, yarn, llama3, ntk and FACTOR >= 1 (e.g. yarn:4), "
+              "theta:BASE[:FACTOR] (e.g. theta:1e6:4), or a JSON object with rope_type and factor")
 
 
 def parse_rope_scaling(text: str | dict | None) -> dict | None:
-    """``"linear:4"``, ``"dynamic:4"``, ``"yarn:4"`` or a JSON object of RoPE parameters -> dict."""
+    """RoPE scaling for a longer context -> dict for :func:`with_rope_scaling`.
+
+    - ``linear:F``, ``dynamic:F``, ``yarn:F``, ``llama3:F``: transformers' RoPE types of these names,
+      ``F`` times the model's trained length (``llama3`` with low/high frequency factors 1 and 4);
+    - ``ntk:F``: static NTK-aware scaling, the rotary base raised to ``theta * F ** (d / (d - 2))``
+      (``d`` the rotary dim), the same at every length;
+    - ``theta:BASE[:F]``: the rotary base set to ``BASE`` (adjusted base frequency, as Code Llama's
+      10k -> 1M), the context ``F`` times longer (default 1);
+    - a JSON object of RoPE parameters with ``rope_type`` (one of the above) and ``factor``.
+    A dict passes through unchanged.
+    """
     if text is None or isinstance(text, dict):
         return text
     text = text.strip()
@@ -88,31 +100,61 @@ def parse_rope_scaling(text: str | dict | None) -> dict | None:
         import json
 
         params = json.loads(text)
+        params.setdefault("factor", 1.0 if params.get("rope_type") == "theta" else None)
     else:
-        kind, _, factor = text.partition(":")
+        kind, _, rest = text.partition(":")
         try:
-            params = {"rope_type": kind, "factor": float(factor)}
+            if kind == "theta":
+                base, _, factor = rest.partition(":")
+                params = {"rope_type": kind, "rope_theta": float(base), "factor": float(factor or 1)}
+            else:
+                params = {"rope_type": kind, "factor": float(rest)}
         except ValueError:
             params = {"rope_type": kind, "factor": None}
     if params.get("rope_type") not in ROPE_TYPES or not isinstance(params.get("factor"), (int, float)) \
-            or params["factor"] < 1:
-        raise ValueError(f"RoPE scaling {text!r}: use TYPE:FACTOR with TYPE one of {', '.join(ROPE_TYPES)} and "
-                         "FACTOR >= 1 (e.g. linear:4), or a JSON object with rope_type and factor")
+            or params["factor"] < 1 or (params["rope_type"] == "theta"
+                                        and not (isinstance(params.get("rope_theta"), (int, float))
+                                                 and params["rope_theta"] > 0)):
+        raise ValueError(f"RoPE scaling {text!r}: {_ROPE_HELP}")
     params["factor"] = float(params["factor"])
+    if params["rope_type"] == "llama3":
+        params.setdefault("low_freq_factor", 1.0)
+        params.setdefault("high_freq_factor", 4.0)
     return params
 
 
 def with_rope_scaling(config, scaling: dict):
-    """Return ``config`` with RoPE scaling merged in (the model's rope_theta is kept)."""
+    """Return ``config`` with RoPE scaling merged in.
+
+    ``max_position_embeddings`` grows by the factor, except for ``dynamic``: transformers' dynamic NTK
+    takes ``max_position_embeddings`` as the trained length and rescales only beyond it, so it stays.
+    ``ntk`` and ``theta`` become transformers' default RoPE with a larger ``rope_theta`` (a saved
+    config loads in plain transformers).
+    """
     if getattr(config, "rope_parameters", None) is None:
         raise ValueError(f"{type(config).__name__} has no rotary embedding to scale")
     base_len = config.max_position_embeddings
     params = dict(config.rope_parameters)
-    params.update(scaling)
-    if params["rope_type"] in ("dynamic", "yarn"):
-        params.setdefault("original_max_position_embeddings", base_len)
+    scaling = dict(scaling)
+    kind, factor = scaling["rope_type"], float(scaling["factor"])
+    if kind in ("ntk", "theta"):
+        if kind == "ntk":
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+            theta = params["rope_theta"] * factor ** (dim / (dim - 2))
+        else:
+            theta = float(scaling["rope_theta"])
+        for key in ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                    "low_freq_factor", "high_freq_factor", "mscale", "mscale_all_dim", "truncate"):
+            params.pop(key, None)
+        params.update(rope_type="default", rope_theta=theta)
+    else:
+        params.update(scaling)
+        if kind in ("dynamic", "yarn", "llama3"):
+            params.setdefault("original_max_position_embeddings", base_len)
     config.rope_parameters = params
-    config.max_position_embeddings = int(base_len * params["factor"])
+    if kind != "dynamic":
+        config.max_position_embeddings = int(base_len * factor)
     return config
 
 

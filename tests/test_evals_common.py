@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from attn_patch.errors import ConfigError
-from attn_patch.evals.common import parse_method, parse_methods
+from attn_patch.evals.common import max_context, parse_method, parse_methods
 from attn_patch.evals.text import generated_filler, load_texts
 from attn_patch.models import parse_rope_scaling, with_rope_scaling
 from tiny_models import build
@@ -57,6 +57,51 @@ def test_rope_scaling_is_merged_and_changes_the_rotary_embedding():
     torch.testing.assert_close(scaled.model.rotary_emb.inv_freq, base_freq / 4)  # positions interpolated x4
     dyn = with_rope_scaling(model.config.__class__(**model.config.to_dict()), parse_rope_scaling("dynamic:2"))
     assert dyn.rope_parameters["original_max_position_embeddings"] == model.config.max_position_embeddings
+
+
+def _cos(model, n):
+    x = torch.zeros(1, n, model.config.hidden_size)
+    return model.model.rotary_emb(x, torch.arange(n)[None])[0][0]
+
+
+def test_dynamic_ntk_rescales_beyond_the_trained_length_and_not_before():
+    # transformers' dynamic NTK takes max_position_embeddings as the trained length: growing it by the
+    # factor (as for the static types) would leave dynamic scaling off up to factor x that length
+    model = build("llama")
+    trained = model.config.max_position_embeddings
+    cfg = with_rope_scaling(model.config.__class__(**model.config.to_dict()), parse_rope_scaling("dynamic:4"))
+    assert cfg.max_position_embeddings == trained
+    dyn = model.__class__(cfg).eval()
+    torch.testing.assert_close(_cos(dyn, trained), _cos(model, trained))
+    beyond = _cos(dyn, 2 * trained)
+    assert (beyond - _cos(model, 2 * trained)).abs().max() > 1e-2
+    half = trained // 2  # back to the original frequencies for a shorter sequence
+    torch.testing.assert_close(_cos(dyn, half), _cos(model, half))
+    assert max_context(dyn) == 4 * trained and max_context(model) == trained  # the evals' length check
+
+
+def test_base_frequency_scalings_are_plain_rope_with_a_larger_theta():
+    model = build("llama")
+    theta, trained = model.config.rope_parameters["rope_theta"], model.config.max_position_embeddings
+    dim = model.config.hidden_size // model.config.num_attention_heads
+    assert parse_rope_scaling("theta:1e6:4") == {"rope_type": "theta", "rope_theta": 1e6, "factor": 4.0}
+    assert parse_rope_scaling("theta:5e5")["factor"] == 1.0
+    assert parse_rope_scaling('{"rope_type": "theta", "rope_theta": 2e5}')["factor"] == 1.0
+    assert parse_rope_scaling("llama3:4")["high_freq_factor"] == 4.0
+    for bad in ("theta", "theta:x", "theta:-1:4", "theta:1e6:0.5", "ntk:x", '{"rope_type": "theta", "factor": 2}'):
+        with pytest.raises(ValueError, match="TYPE:FACTOR"):
+            parse_rope_scaling(bad)
+    for text, expect in (("ntk:4", theta * 4 ** (dim / (dim - 2))), ("theta:1e6:4", 1e6)):
+        cfg = with_rope_scaling(model.config.__class__(**model.config.to_dict()), parse_rope_scaling(text))
+        assert cfg.rope_parameters["rope_type"] == "default" and "factor" not in cfg.rope_parameters
+        assert cfg.rope_parameters["rope_theta"] == pytest.approx(expect)
+        assert cfg.max_position_embeddings == 4 * trained
+        scaled = model.__class__(cfg).eval()
+        want = 1.0 / expect ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+        torch.testing.assert_close(scaled.model.rotary_emb.inv_freq, want)
+        # the saved config is plain transformers: it reloads to the same rotary embedding
+        again = model.__class__(model.config.__class__(**cfg.to_dict())).eval()
+        torch.testing.assert_close(again.model.rotary_emb.inv_freq, want)
 
 
 def test_text_sources(tmp_path):

@@ -116,7 +116,7 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 def load_model(model: str | os.PathLike | None = None, *, device: str | None = None, dtype="float32",
                rope_scaling: str | dict | None = None):
     """(model, tokenizer) from a Hugging Face folder / hub name, a .gguf file, or (None) the embedded
-    SmolLM2. ``rope_scaling`` is "linear:4", "dynamic:4", "yarn:4" or a dict, for contexts beyond the
+    SmolLM2. ``rope_scaling`` is "linear:4", "yarn:4", "theta:1e6:4"... or a dict, for contexts beyond the
     model's trained length."""
     device = device or default_device()
     dtype = resolve_dtype(dtype)
@@ -136,7 +136,14 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | None = N
 
 
 def max_context(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    """The longest context the model is set up for: its position limit, times the factor of a dynamic
+    NTK RoPE (which keeps ``max_position_embeddings`` at the trained length and rescales beyond it)."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if limit and rope.get("rope_type") == "dynamic":
+        limit = int(limit * rope.get("factor", 1.0))
+    return limit
 
 
 def describe_run(model, device: str, dtype) -> dict:
@@ -198,7 +205,8 @@ def add_common_arguments(parser, *, default_methods: tuple[str, ...] = ("sdpa", 
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--rope-scaling", metavar="TYPE:FACTOR",
                         help="RoPE scaling for contexts beyond the trained length: linear:4, dynamic:4, yarn:4, "
-                             "or a JSON object of RoPE parameters")
+                             "llama3:4, ntk:4, theta:1e6:4 (rotary base 1e6, 4x the context), or a JSON object "
+                             "of RoPE parameters")
     parser.add_argument("--out", metavar="DIR", help="write JSON / Markdown (/ PNG) results into this folder")
     parser.add_argument("--seed", type=int, default=0, help="base random seed")
     parser.set_defaults(default_methods=default_methods)
