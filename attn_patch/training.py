@@ -109,6 +109,100 @@ def spread_windows(windows: torch.Tensor, count: int) -> list[torch.Tensor]:
     return [windows[i:i + 1] for i in pick.tolist()]
 
 
+# --retrieval-mix: facts about made-up names hidden in the training text, asked about at its end
+RETRIEVAL_NAMES = (
+    "amber", "anchor", "badger", "barley", "beacon", "bramble", "cedar", "chestnut", "cobalt", "compass",
+    "copper", "cricket", "falcon", "fennel", "granite", "harbour", "hazel", "heron", "juniper", "kestrel",
+    "lantern", "larch", "marble", "meadow", "nutmeg", "orchard", "otter", "pepper", "pewter", "quarry",
+    "raven", "saffron", "sparrow", "spindle", "thistle", "timber", "tulip", "velvet", "walnut", "willow")
+RETRIEVAL_TEMPLATES = (  # (statement, question, answer prefix); none says "pass key" or "remember"
+    ("The code for the {name} is {value}.", "What is the code for the {name}?", "The code for the {name} is"),
+    ("The {name} number is {value}.", "What is the {name} number?", "The {name} number is"),
+    ("The secret of the {name} is the number {value}.", "What is the secret of the {name}?",
+     "The secret of the {name} is the number"),
+)
+
+
+class RetrievalMix:
+    """Long-range retrieval practice mixed into language-model windows (``--retrieval-mix``).
+
+    A share ``fraction`` of the windows (drawn per micro-batch from ``seed``, so a resumed run sees
+    the same) gets ``facts`` statements such as "The code for the otter is 31415." at random sentence
+    boundaries of its text, and ends with a question about each of them followed by its answer
+    ("What is the code for the otter? The code for the otter is 31415."), in random order. The text
+    before the last statement is cut to keep the window's length. Names come from
+    :data:`RETRIEVAL_NAMES`, values are uniform in 1..99999, the wording from one of
+    :data:`RETRIEVAL_TEMPLATES` per window. A model trained on books alone has nothing that asks it to
+    copy a fact from far back; this does (synthetic key-value retrieval, as in Xiong et al. 2024,
+    "From Artificial Needles to Real Haystacks").
+
+    ``mix(ids, micro)`` takes ``[B, T]`` windows and returns ``(ids, answers)``: the new windows and a
+    bool mask of the answer tokens (the values after the questions), all False for untouched rows.
+    """
+
+    def __init__(self, tokenizer, fraction: float, facts: int = 8, seed: int = 0):
+        if not 0.0 <= fraction <= 1.0:
+            raise SystemExit(f"--retrieval-mix {fraction}: a share of the windows, between 0 and 1")
+        if not 1 <= facts <= len(RETRIEVAL_NAMES):
+            raise SystemExit(f"--retrieval-facts {facts}: between 1 and {len(RETRIEVAL_NAMES)}")
+        self.tokenizer, self.fraction, self.facts, self.seed = tokenizer, fraction, facts, seed
+        self._ends: dict[int, bool] = {}
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def _sentence_ends(self, ids: list[int]) -> list[bool]:
+        from .evals.needle import sentence_end_flags
+
+        new = sorted(set(ids) - self._ends.keys())
+        if new:
+            self._ends.update(zip(new, sentence_end_flags(self.tokenizer, new)))
+        return [self._ends[i] for i in ids]
+
+    def __call__(self, ids: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import random
+
+        rng = random.Random(self.seed * 1_000_003 + micro)
+        out, answers = ids.clone(), torch.zeros_like(ids, dtype=torch.bool)
+        for b in range(ids.shape[0]):
+            if rng.random() < self.fraction:
+                row, mask = self.window(ids[b].tolist(), rng)
+                out[b] = torch.tensor(row, dtype=ids.dtype)
+                answers[b] = torch.tensor(mask)
+        return out, answers
+
+    def window(self, text: list[int], rng) -> tuple[list[int], list[bool]]:
+        """One window of ``len(text)`` tokens: ``text`` with the statements inserted and the questions
+        appended (see the class doc); returns the token ids and the answer-token mask."""
+        from .evals.needle import SNAP_TOKENS, snap_back
+
+        statement, question, answer = rng.choice(RETRIEVAL_TEMPLATES)
+        names = rng.sample(RETRIEVAL_NAMES, self.facts)
+        values = [rng.randint(1, 99999) for _ in names]
+        facts = [self._encode(" " + statement.format(name=n, value=v)) for n, v in zip(names, values)]
+        tail = self._encode("\n")
+        mask = [False] * len(tail)
+        for i in rng.sample(range(self.facts), self.facts):
+            asked = self._encode(" " + question.format(name=names[i]) + " " + answer.format(name=names[i]))
+            value = self._encode(f" {values[i]}")
+            stop = self._encode(".")
+            tail += asked + value + stop
+            mask += [False] * len(asked) + [True] * len(value) + [False] * len(stop)
+        room = len(text) - len(tail) - sum(len(f) for f in facts)
+        if room < len(text) // 2:
+            raise SystemExit(f"--retrieval-facts {self.facts} do not fit a window of {len(text)} tokens: "
+                             "use fewer facts or a longer --seq-len")
+        body = text[:room]
+        ends = self._sentence_ends(body)
+        cuts = sorted(snap_back(ends, rng.randint(0, room), SNAP_TOKENS) for _ in facts)
+        row, prev = [], 0
+        for cut, fact in zip(cuts, facts):
+            row += body[prev:cut] + fact
+            prev = cut
+        row += body[prev:] + tail
+        return row, [False] * (len(row) - len(mask)) + mask
+
+
 def document_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """Position ids that restart after every EOS in each row of ``ids`` [B, T]: transformers reads
     restarting position ids as packed documents and masks attention across their boundaries."""
@@ -201,15 +295,19 @@ def _head_nll_kl(hidden, head, teacher_hidden, teacher_head, targets) -> torch.T
 
 
 def run_steps(accelerator, args, *, model, optimizer, scheduler, params, windows: torch.Tensor, start: int,
-              micro_step, checkpoint, out, desc: str, log_extra=None, train_mode: bool = True) -> dict | None:
+              micro_step, checkpoint, out, desc: str, log_extra=None, train_mode: bool = True,
+              mix=None) -> dict | None:
     """The optimizer loop the LM recipes share, from step ``start`` to ``--steps`` (or ``--stop-at``).
 
     Each micro-batch takes this rank's windows (:func:`window_index`, so a resumed run sees the same
     data) and calls ``micro_step(ids)`` -> ``(loss, sums)``: ``loss`` is backpropagated divided by
     ``--grad-accum`` (gradients sync across ranks on the last micro-batch only); ``sums`` holds
     quantities summed over the micro-batch's tokens (scalars or vectors), at least ``"loss"`` and
-    ``"tokens"``. Every ``--log-every`` steps ``OUT/log.jsonl`` gets their token-weighted means
-    since the last line over all ranks, the learning rate, tokens, times, peak memory and
+    ``"tokens"``; a key ``"X_count"`` makes ``"X"`` a mean over its own count instead of the tokens.
+    With ``mix`` (e.g. a :class:`RetrievalMix`) it calls ``micro_step(*mix(ids, n))`` instead, ``n``
+    numbering this rank's micro-batches across the run. Every ``--log-every`` steps
+    ``OUT/log.jsonl`` gets their means since the last line over all ranks, the learning rate, tokens,
+    times, peak memory and
     ``log_extra()``. ``checkpoint(step)`` runs every ``--save-every`` steps and at the end. The model
     runs in training mode unless ``train_mode=False`` (a frozen model whose added modules learn).
     Returns the run summary (first/final loss, seconds, median step time, device, peak memory), or
@@ -239,7 +337,11 @@ def run_steps(accelerator, args, *, model, optimizer, scheduler, params, windows
             last_micro = a == args.grad_accum - 1
             ctx = accelerator.no_sync(model) if not last_micro and accelerator.num_processes > 1 else nullcontext()
             with ctx:
-                loss, values = micro_step(windows[idx].to(device))
+                if mix is None:
+                    loss, values = micro_step(windows[idx].to(device))
+                else:
+                    batch = mix(windows[idx], micro * accelerator.num_processes + accelerator.process_index)
+                    loss, values = micro_step(*(t.to(device) for t in batch))
                 accelerator.backward(loss / args.grad_accum)
             for key, v in values.items():
                 v = torch.as_tensor(v.detach() if torch.is_tensor(v) else v, dtype=torch.float64, device=device)
@@ -256,7 +358,9 @@ def run_steps(accelerator, args, *, model, optimizer, scheduler, params, windows
         if done % args.log_every == 0 or done == stop or done == start + 1:
             total = {k: accelerator.reduce(v, reduction="sum") for k, v in sorted(sums.items())}
             tokens = total.pop("tokens")
-            means = {k: (v / tokens).tolist() for k, v in total.items()}
+            counts = {k[:-len("_count")]: total.pop(k) for k in list(total) if k.endswith("_count")}
+            means = {k: (v / counts.get(k, tokens)).tolist() for k, v in total.items()
+                     if counts.get(k, tokens) > 0}
             value = means.pop("loss")
             first = value if first is None else first
             last = value

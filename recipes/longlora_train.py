@@ -10,7 +10,8 @@ trained on long packed text with shifted-sparse attention (S2-Attn) and a scaled
     accelerate launch --config_file recipes/configs/ddp_2gpu.yaml recipes/longlora_train.py ...
 
 The model loads with the RoPE scaling merged into its config (``--rope-scaling linear:4``,
-``dynamic:4``, ``yarn:4`` or a JSON object), is patched with ``attn_patch.apply(model, ATTENTION)``
+``yarn:4``, ``theta:1e6:4``... or a JSON object; see ``attn_patch.models.parse_rope_scaling``), is
+patched with ``attn_patch.apply(model, ATTENTION)``
 (default ``longlora``: S2-Attn while training; ``--attention flash`` trains with dense attention,
 ``--attention seer`` with a seer model's block-sparse attention, ``--attention sdpa`` unpatched) and
 wrapped by PEFT: LoRA (``--lora-r 8 --lora-alpha 16`` on the family's q, k, v, o projections unless
@@ -23,7 +24,12 @@ Text comes from local files / directories / globs or ``hf:NAME[:CONFIG][@SPLIT]`
 is tokenised, joined with EOS between documents and cut into windows of ``--seq-len`` tokens
 (``--doc-mask``: attention does not cross the EOS boundaries inside a window). The window order is
 a seeded permutation per epoch with ranks taking disjoint windows, so ``--resume`` continues with
-exactly the batches it would have seen.
+exactly the batches it would have seen. ``--retrieval-mix SHARE`` hides ``--retrieval-facts``
+made-up facts ("The code for the otter is 31415.") at random depths of that share of the windows
+and ends them with questions about the facts and their answers; the mean loss on the answers,
+times ``--retrieval-weight``, is added to the window's LM loss (``answer_loss`` in the log). Books
+alone never ask a model to copy a fact from far back; a small model extended on them loses the
+retrieval it had (``attn_patch.training.RetrievalMix``).
 
 Output (``--out``): ``adapter/`` (PEFT adapter: LoRA + the trained embeddings and norms),
 ``attn_patch.json`` (base model, RoPE scaling, attention method and options, training summary),
@@ -44,9 +50,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from attn_patch.training import (HelpFormatter, add_data_arguments, add_loop_arguments, chunked_lm_loss,  # noqa: E402
-                                 document_positions, enable_checkpointing, lr_lambda, run_steps, start_run,
-                                 token_windows)
+from attn_patch.training import (HelpFormatter, RetrievalMix, add_data_arguments, add_loop_arguments,  # noqa: E402
+                                 chunked_lm_loss, document_positions, enable_checkpointing, lr_lambda, run_steps,
+                                 start_run, token_windows)
 
 # per family: LoRA targets (q, k, v, o projections) and the embeddings and norms trained in full
 LORA_DEFAULTS = {
@@ -62,8 +68,9 @@ RUN_FILE = "attn_patch.json"
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_arguments(ap)
-    ap.add_argument("--rope-scaling", help="RoPE scaling for the extended context (linear:4, dynamic:4, yarn:4 or "
-                                           "JSON); kept in the merged model's config")
+    ap.add_argument("--rope-scaling", help="RoPE scaling for the extended context (linear:4, yarn:4, llama3:4, ntk:4, "
+                                           "theta:1e6:4 or JSON; see attn_patch.models.parse_rope_scaling); kept "
+                                           "in the merged model's config")
     ap.add_argument("--seq-len", type=int, default=32768, help="tokens per training sequence")
     ap.add_argument("--doc-mask", action="store_true", help="no attention across EOS boundaries inside a window")
     ap.add_argument("--attention", default="longlora", choices=["longlora", "flash", "seer", "sdpa"],
@@ -79,6 +86,12 @@ def parse_args(argv=None):
     ap.add_argument("--trainable", nargs="*", help="modules trained in full, PEFT modules_to_save (default: the "
                                                    "family's embeddings and norms; pass nothing for LoRA only)")
     ap.add_argument("--merge", action="store_true", help="also write OUT/merged, a standalone model")
+    ap.add_argument("--retrieval-mix", type=float, default=0.0, metavar="SHARE",
+                    help="share of the windows that also get --retrieval-facts made-up facts at random depths and "
+                         "questions about them at the end (attn_patch.training.RetrievalMix); 0: plain text")
+    ap.add_argument("--retrieval-facts", type=int, default=8, help="facts per retrieval window")
+    ap.add_argument("--retrieval-weight", type=float, default=1.0,
+                    help="weight of the mean loss on the answers, added to the mean LM loss of the window")
     add_loop_arguments(ap, lr=2e-4, schedule="constant")  # LongLoRA: constant after warmup
     return ap.parse_args(argv)
 
@@ -105,10 +118,19 @@ class CausalLMLoss(torch.nn.Module):
         self.model = peft_model
         self.chunk = chunk
 
-    def forward(self, input_ids, position_ids=None):
+    def forward(self, input_ids, position_ids=None, answers=None):
+        """Summed NLL and predicted tokens; with ``answers`` (a [B, T] bool mask of tokens) also the
+        summed NLL of those tokens and their number."""
         lm = self.model.get_base_model()
         hidden = lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return chunked_lm_loss(hidden, lm.get_output_embeddings(), input_ids, self.chunk)
+        head = lm.get_output_embeddings()
+        nll, count = chunked_lm_loss(hidden, head, input_ids, self.chunk)
+        if answers is None:
+            return nll, count
+        at = answers[:, 1:].nonzero(as_tuple=True)  # token t + 1 is predicted from position t
+        logits = head(hidden[:, :-1][at]).float()
+        return nll, count, torch.nn.functional.cross_entropy(logits, input_ids[:, 1:][at], reduction="sum"), \
+            int(at[0].numel())
 
 
 def lora_model(model, args):
@@ -231,15 +253,25 @@ def main(argv=None) -> int:
     if args.doc_mask and eos is None:
         raise SystemExit("--doc-mask splits windows at EOS, but the tokenizer has no eos_token_id")
 
-    def micro_step(ids):
+    def micro_step(ids, answers=None):
         positions = document_positions(ids, eos) if args.doc_mask else None
         with pin():
-            nll, count = wrapper(ids, positions)
-        return nll / count, {"loss": nll, "tokens": count}
+            if answers is None:
+                nll, count = wrapper(ids, positions)
+                return nll / count, {"loss": nll, "tokens": count}
+            nll, count, answer_nll, n_answers = wrapper(ids, positions, answers)
+        loss = nll / count + args.retrieval_weight * answer_nll / max(n_answers, 1)
+        return loss, {"loss": nll, "tokens": count, "answer_loss": answer_nll, "answer_loss_count": n_answers}
+
+    mix = None
+    if args.retrieval_mix > 0:
+        mix = RetrievalMix(tokenizer, args.retrieval_mix, args.retrieval_facts, args.seed)
+        run_info["retrieval_mix"] = {"share": args.retrieval_mix, "facts": args.retrieval_facts,
+                                     "weight": args.retrieval_weight}
 
     final = run_steps(accelerator, args, model=wrapper, optimizer=optimizer, scheduler=scheduler, params=params,
                       windows=windows, start=start, micro_step=micro_step, checkpoint=lambda step: save(ckpt, step),
-                      out=out, desc=f"longlora ({args.attention})")
+                      out=out, desc=f"longlora ({args.attention})", mix=mix)
     if final is None:  # --stop-at
         accelerator.end_training()
         return 0

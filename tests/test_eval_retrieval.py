@@ -12,6 +12,7 @@ from attn_patch.errors import ConfigError
 from attn_patch.evals import common, needle, passkey
 from attn_patch.evals.common import MethodSpec, parse_methods
 from attn_patch.evals.text import load_texts
+from tiny_models import smollm2_tokenizer
 
 
 class WordTokenizer:
@@ -54,16 +55,7 @@ class WordTokenizer:
 def tokenizer(request):
     if request.param != "smollm2":
         return WordTokenizer(chat=request.param == "words-chat")
-    pytest.importorskip("gguf")
-    from transformers import AutoTokenizer
-
-    from attn_patch.models import default_gguf_path
-
-    try:
-        path = default_gguf_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,18 @@ def test_resume_continues_exactly(tiny, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_retrieval_mix_trains_on_the_answers(tiny, tmp_path):
+    """--retrieval-mix: the answer loss is logged per step (a mean over answer tokens) and falls."""
+    out = tmp_path / "mix"
+    assert load_script(TRAIN).main(_args(tiny, out, "--steps", "12", "--retrieval-mix", "1",
+                                         "--retrieval-facts", "1", "--retrieval-weight", "2")) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["answer_loss"]) and "answer_loss_count" not in r for r in log)
+    assert sum(r["answer_loss"] for r in log[-3:]) < sum(r["answer_loss"] for r in log[:3]) - 0.5
+    info = json.loads((out / "attn_patch.json").read_text())
+    assert info["retrieval_mix"] == {"share": 1.0, "facts": 1, "weight": 2.0}
+
+
 def test_dense_and_packed_attention_options(tiny, tmp_path):
     """--attention flash (the dense baseline) and --doc-mask train too; bad options are refused."""
     recipe = load_script(TRAIN)

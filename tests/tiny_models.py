@@ -78,3 +78,19 @@ def load_script(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def smollm2_tokenizer():
+    """The embedded SmolLM2's tokenizer (the test skips where gguf or the model package is missing)."""
+    import pytest
+
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from attn_patch.models import default_gguf_path
+
+    try:
+        path = default_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
