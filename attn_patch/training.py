@@ -127,17 +127,21 @@ class RetrievalMix:
     """Long-range retrieval practice mixed into language-model windows (``--retrieval-mix``).
 
     A share ``fraction`` of the windows (drawn per micro-batch from ``seed``, so a resumed run sees
-    the same) gets ``facts`` statements such as "The code for the otter is 31415." at random sentence
-    boundaries of its text, and ends with a question about each of them followed by its answer
-    ("What is the code for the otter? The code for the otter is 31415."), in random order. The text
-    before the last statement is cut to keep the window's length. Names come from
+    the same) gets ``facts`` statements such as "The code for the otter is 31415." inserted into its
+    text, each at a sentence boundary (the last one within 64 tokens before a random position; the
+    position itself if there is none), and ends with a question about each of them followed by its
+    answer ("What is the code for the otter? The code for the otter is 31415."), in random order.
+    The window's text is cut at its end to keep the window's length. Names come from
     :data:`RETRIEVAL_NAMES`, values are uniform in 1..99999, the wording from one of
-    :data:`RETRIEVAL_TEMPLATES` per window. A model trained on books alone has nothing that asks it to
-    copy a fact from far back; this does (synthetic key-value retrieval, as in Xiong et al. 2024,
-    "From Artificial Needles to Real Haystacks").
+    :data:`RETRIEVAL_TEMPLATES` per window. The question and answer have the form of the passkey
+    test's ("What is X? The X is N"); the facts, their wording and the text around them do not. A
+    model trained on books alone has nothing that asks it to copy a fact from far back; this does
+    (synthetic key-value retrieval, as in Xiong et al. 2024, "From Artificial Needles to Real
+    Haystacks").
 
     ``mix(ids, micro)`` takes ``[B, T]`` windows and returns ``(ids, answers)``: the new windows and a
-    bool mask of the answer tokens (the values after the questions), all False for untouched rows.
+    bool mask of the answer tokens (the tokens of " VALUE" after each question, the leading space
+    included where the tokenizer splits it off), all False for untouched rows.
     """
 
     def __init__(self, tokenizer, fraction: float, facts: int = 8, seed: int = 0):

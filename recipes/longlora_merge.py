@@ -5,7 +5,8 @@
 The base model named in the run's ``attn_patch.json`` (or ``--model``) loads with the run's RoPE
 scaling, the PEFT adapter (LoRA + the trained embeddings and norms) is folded into its weights, and
 the result is saved with ``save_pretrained`` together with the tokenizer. The saved config carries
-the RoPE scaling and the extended ``max_position_embeddings``, so
+the RoPE scaling and the extended ``max_position_embeddings`` (the trained one for dynamic NTK,
+which rescales beyond it), so
 ``AutoModelForCausalLM.from_pretrained(OUT)`` is the extended model, with no attn_patch or PEFT needed.
 """
 from __future__ import annotations

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import random
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -91,7 +92,8 @@ def parse_args(argv=None):
                          "questions about them at the end (attn_patch.training.RetrievalMix); 0: plain text")
     ap.add_argument("--retrieval-facts", type=int, default=8, help="facts per retrieval window")
     ap.add_argument("--retrieval-weight", type=float, default=1.0,
-                    help="weight of the mean loss on the answers, added to the mean LM loss of the window")
+                    help="weight of the mean loss on the answers, added to the mean LM loss (scaled by the share "
+                         "of mixed windows in the micro-batch)")
     add_loop_arguments(ap, lr=2e-4, schedule="constant")  # LongLoRA: constant after warmup
     return ap.parse_args(argv)
 
@@ -260,12 +262,18 @@ def main(argv=None) -> int:
                 nll, count = wrapper(ids, positions)
                 return nll / count, {"loss": nll, "tokens": count}
             nll, count, answer_nll, n_answers = wrapper(ids, positions, answers)
-        loss = nll / count + args.retrieval_weight * answer_nll / max(n_answers, 1)
+        # the answers' mean loss counts once per mixed window, whatever the batch size
+        mixed = answers.any(dim=1).float().mean()
+        loss = nll / count + args.retrieval_weight * mixed * answer_nll / max(n_answers, 1)
         return loss, {"loss": nll, "tokens": count, "answer_loss": answer_nll, "answer_loss_count": n_answers}
 
     mix = None
-    if args.retrieval_mix > 0:
+    if args.retrieval_mix != 0:
+        if args.doc_mask:
+            raise SystemExit("--retrieval-mix asks at a window's end about facts anywhere in it, which --doc-mask "
+                             "hides behind EOS boundaries: use one of the two")
         mix = RetrievalMix(tokenizer, args.retrieval_mix, args.retrieval_facts, args.seed)
+        mix.window(windows[0].tolist(), random.Random(0))  # do the facts fit a window?
         run_info["retrieval_mix"] = {"share": args.retrieval_mix, "facts": args.retrieval_facts,
                                      "weight": args.retrieval_weight}
 

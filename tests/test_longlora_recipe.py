@@ -119,6 +119,13 @@ def test_retrieval_mix_trains_on_the_answers(tiny, tmp_path):
     assert sum(r["answer_loss"] for r in log[-3:]) < sum(r["answer_loss"] for r in log[:3]) - 0.5
     info = json.loads((out / "attn_patch.json").read_text())
     assert info["retrieval_mix"] == {"share": 1.0, "facts": 1, "weight": 2.0}
+    recipe = load_script(TRAIN)
+    with pytest.raises(SystemExit, match="--doc-mask"):
+        recipe.main(_args(tiny, tmp_path / "x", "--steps", "1", "--retrieval-mix", "0.5", "--doc-mask"))
+    with pytest.raises(SystemExit, match="--retrieval-mix"):
+        recipe.main(_args(tiny, tmp_path / "y", "--steps", "1", "--retrieval-mix", "-0.5"))
+    with pytest.raises(SystemExit, match="longer --seq-len"):
+        recipe.main(_args(tiny, tmp_path / "z", "--steps", "1", "--retrieval-mix", "0.5", "--retrieval-facts", "9"))
 
 
 def test_dense_and_packed_attention_options(tiny, tmp_path):

@@ -1,6 +1,7 @@
 """attn_patch.training.RetrievalMix (the LongLoRA recipe's --retrieval-mix): the windows keep their
 length and text, every question's answer is a fact stated earlier in the window, the answer mask
-marks exactly the values, and the draw is reproducible per micro-batch."""
+marks exactly the value tokens (with the space the tokenizer splits off before them), and the draw
+is reproducible per micro-batch."""
 import re
 
 import pytest
@@ -35,6 +36,7 @@ def test_facts_are_stated_before_they_are_asked(tokenizer, windows):
         for row, mask, original in zip(out, answers, windows):
             text = tokenizer.decode(row)
             values = tokenizer.decode(row[mask]).split()
+            assert tokenizer.decode(row[mask]) == "".join(" " + v for v in values)  # nothing else is marked
             assert len(values) == 5 and len(set(values)) >= 4
             body, _, tail = text.rpartition("\n")
             asked = re.findall(r"(What is [^?]+\?) ([^?]*?) (\d+)\.", tail)

@@ -154,7 +154,8 @@ def describe_run(model, device: str, dtype) -> dict:
     info.update(model=getattr(model.config, "name_or_path", "") or model.config.model_type,
                 model_type=model.config.model_type, device=str(device), dtype=str(dtype).replace("torch.", ""),
                 rope_parameters=getattr(model.config, "rope_parameters", None),
-                max_position_embeddings=max_context(model))
+                max_position_embeddings=getattr(model.config, "max_position_embeddings", None),
+                max_context=max_context(model))
     return info
 
 
