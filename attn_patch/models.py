@@ -96,27 +96,24 @@ def parse_rope_scaling(text: str | dict | None) -> dict | None:
     """
     if text is None:
         return None
+    if isinstance(text, str) and text.strip().startswith("{"):
+        import json
+
+        text = json.loads(text)
     if isinstance(text, dict):
         params = dict(text)
         if params.get("rope_type") == "theta":
             params.setdefault("factor", 1.0)
     else:
-        text = text.strip()
-        if text.startswith("{"):
-            import json
-
-            params = json.loads(text)
-            params.setdefault("factor", 1.0 if params.get("rope_type") == "theta" else None)
-        else:
-            kind, _, rest = text.partition(":")
-            try:
-                if kind == "theta":
-                    base, _, factor = rest.partition(":")
-                    params = {"rope_type": kind, "rope_theta": float(base), "factor": float(factor or 1)}
-                else:
-                    params = {"rope_type": kind, "factor": float(rest)}
-            except ValueError:
-                params = {"rope_type": kind, "factor": None}
+        kind, _, rest = text.strip().partition(":")
+        try:
+            if kind == "theta":
+                base, _, factor = rest.partition(":")
+                params = {"rope_type": kind, "rope_theta": float(base), "factor": float(factor or 1)}
+            else:
+                params = {"rope_type": kind, "factor": float(rest)}
+        except ValueError:
+            params = {"rope_type": kind, "factor": None}
 
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -152,9 +149,8 @@ def with_rope_scaling(config, scaling: dict):
             theta = params["rope_theta"] * factor ** (dim / (dim - 2))
         else:
             theta = float(scaling["rope_theta"])
-        for key in ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
-                    "low_freq_factor", "high_freq_factor", "mscale", "mscale_all_dim", "truncate"):
-            params.pop(key, None)
+        # plain RoPE: of the old parameters only the rotary fraction still applies
+        params = {k: params[k] for k in ("partial_rotary_factor",) if k in params}
         params.update(rope_type="default", rope_theta=theta)
     else:
         params.update(scaling)

@@ -184,12 +184,11 @@ class RetrievalMix:
         names = rng.sample(RETRIEVAL_NAMES, self.facts)
         values = [rng.randint(1, 99999) for _ in names]
         facts = [self._encode(" " + statement.format(name=n, value=v)) for n, v in zip(names, values)]
-        tail = self._encode("\n")
+        tail, stop = self._encode("\n"), self._encode(".")
         mask = [False] * len(tail)
         for i in rng.sample(range(self.facts), self.facts):
             asked = self._encode(" " + question.format(name=names[i]) + " " + answer.format(name=names[i]))
             value = self._encode(f" {values[i]}")
-            stop = self._encode(".")
             tail += asked + value + stop
             mask += [False] * len(asked) + [True] * len(value) + [False] * len(stop)
         room = len(text) - len(tail) - sum(len(f) for f in facts)
@@ -261,13 +260,14 @@ def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.T
     for s in range(0, h.shape[0], chunk):
         hs, ys = h[s:s + chunk], y[s:s + chunk]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_head_nll, hs, head, ys, use_reentrant=False)
+            total = total + checkpoint(head_nll, hs, head, ys, use_reentrant=False)
         else:
-            total = total + _head_nll(hs, head, ys)
+            total = total + head_nll(hs, head, ys)
     return total, int((y != -100).sum())
 
 
-def _head_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+def head_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of ``targets`` [N] under ``head(hidden)`` [N, vocab] (fp32 logits; -100 ignored)."""
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum", ignore_index=-100)
 
 

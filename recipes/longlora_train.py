@@ -52,8 +52,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 from attn_patch.training import (HelpFormatter, RetrievalMix, add_data_arguments, add_loop_arguments,  # noqa: E402
-                                 chunked_lm_loss, document_positions, enable_checkpointing, lr_lambda, run_steps,
-                                 start_run, token_windows)
+                                 chunked_lm_loss, document_positions, enable_checkpointing, head_nll, lr_lambda,
+                                 run_steps, start_run, token_windows)
 
 # per family: LoRA targets (q, k, v, o projections) and the embeddings and norms trained in full
 LORA_DEFAULTS = {
@@ -130,9 +130,7 @@ class CausalLMLoss(torch.nn.Module):
         if answers is None:
             return nll, count
         at = answers[:, 1:].nonzero(as_tuple=True)  # token t + 1 is predicted from position t
-        logits = head(hidden[:, :-1][at]).float()
-        return nll, count, torch.nn.functional.cross_entropy(logits, input_ids[:, 1:][at], reduction="sum"), \
-            int(at[0].numel())
+        return nll, count, head_nll(hidden[:, :-1][at], head, input_ids[:, 1:][at]), int(at[0].numel())
 
 
 def lora_model(model, args):
