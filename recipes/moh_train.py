@@ -18,7 +18,8 @@ first ``attn_patch.moh.calibrate`` measures the heads on ``--calibrate-windows``
 and makes the most important ones (by what they add to the residual stream) the shared heads, so
 the heads a token can drop are the least important ones; the norm router has no weights (it ranks
 heads by their query norms, scaled per head by calibration), untrained learned routers weight
-every computed head by ~1. ``--steps 0`` only calibrates and writes the routers. ``--train`` picks what
+every computed head by ~1. ``--allocate`` then sets a number of heads per layer (same mean) from
+per-layer loss probes. ``--steps 0`` only calibrates and writes the routers. ``--train`` picks what
 learns: ``all`` (default), ``attention`` (the attention modules: projections and routers) or
 ``routers`` (learned routers only). The loss is the next-token NLL (chunked, so the [tokens,
 vocab] logits never exist at once), plus ``--distill`` times the KL divergence from the untouched
@@ -64,6 +65,10 @@ def parse_args(argv=None):
     ap.add_argument("--active", type=float, help="fraction of the query heads per token (default 0.75)")
     ap.add_argument("--shared", type=int, help="always-on heads (default: half the active heads)")
     ap.add_argument("--top-k", type=int, help="routed heads per token (default: active minus shared)")
+    ap.add_argument("--allocate", action="store_true",
+                    help="after calibration, give each layer its own number of heads with --active of them on "
+                         "average, from per-layer loss probes on the calibration windows (attn_patch.moh.allocate); "
+                         "--top-k is then the routed picks per layer (default 1)")
     ap.add_argument("--balance-weight", type=float, default=0.01, help="weight of the load-balance loss")
     ap.add_argument("--train", default="all", choices=["all", "attention", "routers"],
                     help="parameters that learn (routers: learned routers only)")
@@ -141,8 +146,12 @@ def main(argv=None) -> int:
     from attn_patch.evals.common import load_model
     from attn_patch.moh import save_routers
 
-    if args.dense and (args.router != "norm" or args.active or args.shared is not None or args.top_k is not None):
+    if args.dense and (args.router != "norm" or args.active or args.shared is not None or args.top_k is not None
+                       or args.allocate):
         raise SystemExit("--dense trains the dense model: drop the MoH options")
+    if args.allocate and (args.shared is not None or not args.calibrate_windows):
+        raise SystemExit("--allocate sets every layer's shared heads itself from calibration: drop --shared and "
+                         "keep --calibrate-windows above 0")
     cuda = torch.cuda.is_available()
     precision = args.mixed_precision or ("bf16" if cuda else "no")
     accelerator, docs = start_run(args, precision)
@@ -156,8 +165,9 @@ def main(argv=None) -> int:
     else:
         method = "moh"
         options = {"router": args.router, "balance_weight": args.balance_weight}
-        options.update({k: v for k, v in (("active", args.active), ("shared", args.shared), ("top_k", args.top_k))
-                        if v is not None})
+        split = (("active", args.active),) if args.allocate else (
+            ("active", args.active), ("shared", args.shared), ("top_k", args.top_k))
+        options.update({k: v for k, v in split if v is not None})
         if args.router == "learned":
             options["routers"] = "untrained"
     ckpt = out / "checkpoint"
@@ -179,6 +189,21 @@ def main(argv=None) -> int:
                                    source=f"{n_cal} training windows of {args.seq_len} tokens")
             accelerator.print(f"calibrated on {cal['tokens']} tokens: shared heads per layer "
                               f"{[r['shared_heads'] for r in attn_patch.stats(model)['layers']][:4]}...")
+            if args.allocate:
+                from attn_patch.moh import allocate
+
+                with accelerator.autocast():  # L x (heads - 1) forwards: in the training precision, not fp32
+                    got = allocate(model, [windows[i:i + 1] for i in range(n_cal)], active=args.active,
+                                   top_k=args.top_k or 1)
+                if accelerator.num_processes > 1:  # every rank must route the same heads (shapes of learned routers)
+                    from accelerate.utils import broadcast_object_list
+
+                    from attn_patch.moh import set_layer_heads
+
+                    got["heads"] = broadcast_object_list([got["heads"]])[0]
+                    set_layer_heads(model, got["heads"], args.top_k or 1)
+                accelerator.print(f"allocated {sum(got['heads'])} heads ({got['mean_active']:.1%}) over "
+                                  f"{len(got['heads'])} layers: {got['heads']}")
     for p in model.parameters():
         p.requires_grad_(False)
     named = trainable(model, args.train, not args.dense)
@@ -220,7 +245,7 @@ def main(argv=None) -> int:
 
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * accelerator.num_processes
     run_info = {"recipe": "recipes/moh_train.py", "model": args.model, "method": method, "options": options,
-                "seq_len": args.seq_len, "train": args.train, "distill": args.distill}
+                "seq_len": args.seq_len, "train": args.train, "distill": args.distill, "allocate": args.allocate}
 
     def training_info(step: int, final: dict | None = None) -> dict:
         return {"step": step, "tokens": step * tokens_per_step, "data": [Path(d).name for d in args.data],

@@ -342,3 +342,140 @@ def test_calibrated_norm_scales_and_round_trip(tmp_path, seed):
     with torch.no_grad(), attn_patch.patched(model, "moh", backend="reference", routers=str(tmp_path / "r")):
         for r in routers_of(model):
             assert torch.equal(r.head_order.cpu(), torch.arange(h)) and torch.all(r.norm_scale == 1)
+
+
+def test_learned_top1_router_gets_a_gradient():
+    """The paper's gates (softmax probability, not renormalised over the top-k) give a top-1 router a
+    gradient from the outputs; renormalising (format version 2) makes a top-1 gate constant 1."""
+    torch.manual_seed(0)
+    for gates, moves in (("scaled", True), ("renormalised", False)):  # renormalised: rounding noise only
+        router = MoHRouter("learned", 8, 6, 1, hidden_size=16, gates=gates)
+        router._hidden = torch.randn(2, 5, 16)
+        g, mask, _ = router(torch.randn(2, 8, 5, 4))
+        assert (mask.sum(-1) == 7).all()
+        (g * torch.randn_like(g)).sum().backward()
+        grad = router.route.weight.grad
+        assert (float(grad.abs().max()) > 1e-4) == moves, (gates, float(grad.abs().max()))
+
+
+def _weight_layer(model, layer, factor):
+    from attn_patch.families import attention_modules, output_projection
+
+    with torch.no_grad():
+        output_projection(attention_modules(model)[layer]).weight.mul_(factor)
+
+
+def test_allocate_gives_heads_where_dropping_costs(monkeypatch, seed):
+    """allocate() probes one layer at a time (a layer whose output projection is zero costs nothing
+    at any head count) and hands the heads to the layers where dropping costs the most, within the
+    budget (checked on a loss with known per-layer costs); without calibration it refuses."""
+    import attn_patch.moh as moh
+
+    torch.manual_seed(seed)
+    model = build("llama", num_hidden_layers=3).to(DEVICE)
+    _weight_layer(model, 2, 0.0)
+    h = model.config.num_attention_heads
+    ids = torch.randint(1, 90, (2, 40), device=DEVICE)
+    with attn_patch.patched(model, "moh", backend="reference", active=0.5):
+        with pytest.raises(ConfigError, match="calibrate"):
+            moh.allocate(model, [ids])
+        moh.calibrate(model, [ids])
+        with pytest.raises(ConfigError, match="fewer than min_heads"):
+            moh.allocate(model, [ids], active=0.2, min_heads=2)
+        got = moh.allocate(model, [ids], active=0.5, top_k=1)
+        assert sum(got["heads"]) <= int(0.5 * 3 * h + 0.5) and got["levels"] == list(range(1, h + 1))
+        assert all(abs(v) < 1e-6 for v in got["nll_rise"][2]) and any(abs(v) > 1e-6 for v in got["nll_rise"][0])
+
+        cost = [3.0, 1.0, 0.1]  # NLL rise per dropped head in each layer
+
+        def fake_nll(m, batches):
+            return sum(c * (h - r.shared - r.top_k) for c, r in zip(cost, routers_of(m)))
+
+        monkeypatch.setattr(moh, "_window_nll", fake_nll)
+        got = moh.allocate(model, [ids], active=0.5, top_k=1)
+        assert got["heads"] == [6, 2, 1] and got["mean_active"] == pytest.approx(0.5, abs=1e-4)
+        assert got["nll_rise"][0][0] == pytest.approx(15.0) and got["nll_rise"][2][-1] == 0.0
+        with torch.no_grad():
+            model(ids)
+        st = attn_patch.stats(model)
+        assert st["heads_per_layer"] == [6, 2, 1] and st["active"] == pytest.approx(0.5, abs=1e-4)
+        for layer, a in zip(st["layers"], [6, 2, 1]):
+            assert (layer["shared"], layer["top_k"]) == ((h, 0) if a == h else (a - 1, 1))
+            assert sum(layer["utilisation"]) == pytest.approx(a)
+
+
+@pytest.mark.parametrize("router", ["norm", "learned"])
+def test_per_layer_heads_kernel_losses_and_round_trip(tmp_path, router, seed):
+    """Per-layer head counts (one layer with every head, on the dense kernel): the kernel path equals
+    the reference path, forward and backward; the balance loss counts the routed layers only; the
+    counts save and load back (the same logits), and options that would override them are errors."""
+    from attn_patch.moh import save_routers, set_layer_heads
+
+    model = _model("llama", seed, train=True)
+    h = model.config.num_attention_heads
+    ids = torch.randint(1, 90, (2, 33), device=DEVICE)
+    extra = {"router": "learned", "routers": "untrained"} if router == "learned" else {}
+    got = {}
+    for backend in ("reference", KERNEL):
+        torch.manual_seed(seed)
+        with attn_patch.patched(model, "moh", backend=backend, active=0.5, **extra):
+            set_layer_heads(model, [h, 3], top_k=2)
+            assert [(r.shared, r.top_k) for r in routers_of(model)] == [(h, 0), (1, 2)]
+            model.zero_grad(set_to_none=True)
+            out = model(ids, labels=ids, use_cache=False)
+            aux = attn_patch.aux_loss(model)
+            assert 0.01 * 0.5 < aux.item() < 0.01 * 4  # one routed layer, about 1 when balanced
+            (out.loss + aux).backward()
+            got[backend] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None})
+            if backend == KERNEL:
+                model.eval()
+                with torch.no_grad():
+                    want = model(ids).logits
+                save_routers(model, tmp_path / "r")
+                model.train()
+    (rl, rg), (kl, kg) = got["reference"], got[KERNEL]
+    torch.testing.assert_close(kl, rl, rtol=2e-4, atol=2e-5, msg=f"seed {seed}")
+    assert rg.keys() == kg.keys()
+    for name in rg:
+        torch.testing.assert_close(kg[name], rg[name], rtol=2e-4, atol=3e-5, msg=f"{name}, seed {seed}")
+    model.eval()
+    with attn_patch.patched(model, "moh", backend=KERNEL, routers=str(tmp_path / "r")), torch.no_grad():
+        assert [(r.shared, r.top_k) for r in routers_of(model)] == [(h, 0), (1, 2)]
+        torch.testing.assert_close(model(ids).logits, want)
+        assert attn_patch.stats(model)["shared"] is None
+    with pytest.raises(ConfigError, match="per-layer head counts"):
+        attn_patch.apply(model, "moh", routers=str(tmp_path / "r"), active=0.5)
+    with pytest.raises(ConfigError, match="heads with top_k"):
+        with attn_patch.patched(model, "moh"):
+            set_layer_heads(model, [h + 1, 3])
+
+
+def test_version_2_learned_routers_keep_their_gates(tmp_path, seed):
+    """Learned routers saved before version 3 renormalised their gates: they load with that form (the
+    same outputs as when saved), and save back with it."""
+    import json
+
+    from attn_patch.moh import save_routers
+
+    model = _model("llama", seed)
+    ids = torch.randint(1, 90, (1, 30), device=DEVICE)
+    with attn_patch.patched(model, "moh", backend="reference", router="learned", routers="untrained",
+                            active=0.5), torch.no_grad():
+        for r in routers_of(model):
+            r.gates = "renormalised"
+            for p in r.parameters():
+                p.normal_(std=0.3)
+        want = model(ids).logits
+        save_routers(model, tmp_path / "r")
+    path = tmp_path / "r" / "config.json"
+    meta = json.loads(path.read_text())
+    assert meta["router"]["gates"] == "renormalised"
+    for key in ("gates", "layers"):
+        meta["router"].pop(key)
+    path.write_text(json.dumps(dict(meta, version=2)))
+    with attn_patch.patched(model, "moh", backend="reference", routers=str(tmp_path / "r")), torch.no_grad():
+        assert all(r.gates == "renormalised" for r in routers_of(model))
+        torch.testing.assert_close(model(ids).logits, want)
+        save_routers(model, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["router"]["gates"] == "renormalised"

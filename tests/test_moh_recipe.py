@@ -59,7 +59,8 @@ def test_training_lowers_the_loss_and_saves_a_loadable_moh_model(tiny, tmp_path)
     info = json.loads((out / "attn_patch.json").read_text())
     assert info["method"] == "moh" and info["options"]["active"] == 0.5
     routers = json.loads((out / "routers" / "config.json").read_text())
-    assert routers["router"] == {"kind": "norm", "shared": 1, "top_k": 2, "num_heads": 6}
+    assert routers["router"] == {"kind": "norm", "shared": 1, "top_k": 2, "num_heads": 6, "layers": [[1, 2]] * 2,
+                                 "gates": "scaled"}
     assert routers["calibration"]["tokens"] == 4 * SEQ and len(routers["calibration"]["importance"]) == 2
 
     tuned = AutoModelForCausalLM.from_pretrained(out / "model").eval()
@@ -154,9 +155,32 @@ def test_distill_from_the_untouched_model(tiny, tmp_path):
 def test_two_process_data_parallel_launch(tiny, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
-           str(TRAIN), *_args(tiny, out, "--steps", "3", "--router", "learned", "--no-save-model")]
+           str(TRAIN), *_args(tiny, out, "--steps", "3", "--router", "learned", "--allocate", "--no-save-model")]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on CPU
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads((out / "attn_patch.json").read_text())
     assert info["training"]["processes"] == 2 and info["training"]["tokens"] == 3 * SEQ * 2
+    meta = json.loads((out / "routers" / "config.json").read_text())  # rank 0's allocation, used by both ranks
+    assert [sh + k for sh, k in meta["router"]["layers"]] == meta["calibration"]["allocation"]["heads"]
+
+
+def test_allocate_sets_heads_per_layer(tiny, tmp_path):
+    """--allocate: per-layer head counts from loss probes after calibration, within --active, saved with
+    the routers (and loaded back by apply); --shared cannot be combined with it."""
+    import attn_patch
+
+    recipe = load_script(TRAIN)
+    out = tmp_path / "alloc"
+    assert recipe.main(_args(tiny, out, "--steps", "2", "--active", "0.5", "--allocate", "--router", "learned")) == 0
+    meta = json.loads((out / "routers" / "config.json").read_text())
+    heads = [sh + k for sh, k in meta["router"]["layers"]]
+    assert meta["calibration"]["allocation"]["heads"] == heads and sum(heads) <= 6 and len(heads) == 2
+    assert json.loads((out / "attn_patch.json").read_text())["allocate"] is True
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    with attn_patch.patched(tuned, "moh", routers=str(out / "routers")):
+        assert attn_patch.stats(tuned)["heads_per_layer"] == heads
+    with pytest.raises(SystemExit, match="drop --shared"):
+        recipe.main(_args(tiny, tmp_path / "x", "--steps", "1", "--allocate", "--shared", "1"))

@@ -56,6 +56,7 @@ def take_stats(model) -> dict | None:
     if state is not None and state.method == "moh":
         st = attn_patch.stats(model, reset=True)
         return {"active": st["active"], "shared": st["shared"], "top_k": st["top_k"], "router": st["router"],
+                "heads_per_layer": st["heads_per_layer"],
                 "layer_utilisation": [layer["utilisation"] for layer in st["layers"]]}
     if state is None or state.method != "seer":
         return None
