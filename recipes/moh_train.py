@@ -178,7 +178,8 @@ def main(argv=None) -> int:
 
         teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the untouched model, before patching
     if args.resume and method == "moh":  # the head order and scales the run started with
-        attn_patch.apply(model, method, **{**options, "routers": str(ckpt / "routers")})
+        kept = {k: v for k, v in options.items() if not (args.allocate and k in ("active", "top_k"))}
+        attn_patch.apply(model, method, **{**kept, "routers": str(ckpt / "routers")})  # counts from the routers
     else:
         attn_patch.apply(model, method, **options)
         if method == "moh" and args.calibrate_windows:
@@ -202,8 +203,8 @@ def main(argv=None) -> int:
 
                     got["heads"] = broadcast_object_list([got["heads"]])[0]
                     set_layer_heads(model, got["heads"], args.top_k or 1)
-                accelerator.print(f"allocated {sum(got['heads'])} heads ({got['mean_active']:.1%}) over "
-                                  f"{len(got['heads'])} layers: {got['heads']}")
+                accelerator.print(f"allocated {sum(got['heads'])} heads over {len(got['heads'])} layers: "
+                                  f"{got['heads']}")
     for p in model.parameters():
         p.requires_grad_(False)
     named = trainable(model, args.train, not args.dense)

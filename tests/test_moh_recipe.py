@@ -184,3 +184,9 @@ def test_allocate_sets_heads_per_layer(tiny, tmp_path):
         assert attn_patch.stats(tuned)["heads_per_layer"] == heads
     with pytest.raises(SystemExit, match="drop --shared"):
         recipe.main(_args(tiny, tmp_path / "x", "--steps", "1", "--allocate", "--shared", "1"))
+    sliced = tmp_path / "sliced"  # a resumed run takes its counts from the checkpoint's routers
+    common = ("--steps", "4", "--active", "0.5", "--allocate", "--no-save-model")
+    assert recipe.main(_args(tiny, sliced, *common, "--stop-at", "2")) == 0
+    assert recipe.main(_args(tiny, sliced, *common, "--resume")) == 0
+    want = json.loads((sliced / "checkpoint" / "routers" / "config.json").read_text())["router"]["layers"]
+    assert json.loads((sliced / "routers" / "config.json").read_text())["router"]["layers"] == want
