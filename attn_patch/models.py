@@ -193,3 +193,10 @@ def run_windows(model, batches, each=None, min_length: int = 0, **forward) -> tu
     if not tokens:
         raise ConfigError("calibrate() got no text: pass token id tensors [B, T]")
     return tokens, windows, results
+
+
+def mean_window_loss(model, batches) -> float:
+    """The model's mean next-token loss over token-id windows (each window's mean, averaged over the
+    windows; via :func:`run_windows`): what the methods' per-layer probes compare."""
+    _, n, losses = run_windows(model, batches, lambda out, ids: float(out.loss) * ids.shape[0], labels=True)
+    return sum(losses) / n

@@ -47,6 +47,7 @@ from .errors import ConfigError, PatchStateError, UnsupportedModelError
 from .families import attention_modules, family_of, head_dim, head_output_maps, output_projection
 from .kernels import MAX_HEAD_DIM, head_routed_reference
 from .masks import as_attention_mask
+from .models import mean_window_loss as _window_nll  # allocate()'s probe loss
 from .models import run_windows
 from .registry import Method, register_method
 
@@ -328,8 +329,9 @@ def _resolve(model, config: MoHConfig) -> tuple[str, list[tuple[int, int]], dict
         if given and not uniform:
             raise ConfigError(f"the routers at {config.routers} have per-layer head counts (from "
                               f"attn_patch.moh.allocate); drop {', '.join(f'{k}={v!r}' for k, v in given.items())}")
-        clash = [f"{k}={v!r} (routers: {splits[0][0 if k == 'shared' else 1]!r})" for k, v in given.items()
-                 if k != "active" and v != splits[0][0 if k == "shared" else 1]]
+        saved_split = dict(zip(("shared", "top_k"), splits[0]))
+        clash = [f"{k}={v!r} (routers: {saved_split[k]!r})" for k, v in given.items()
+                 if k in saved_split and v != saved_split[k]]
         if config.active is not None and sum(head_split(h, config.active, None, None)) != sum(splits[0]):
             clash.append(f"active={config.active} (routers: {sum(splits[0])} of {h} heads)")
         if clash:
@@ -513,15 +515,6 @@ def calibrate(model, batches, source: str | None = None) -> dict:
     rt.calibration = {"tokens": tokens, "batches": n_batches, "source": source,
                       "importance": [[round(float(v) / tokens, 5) for v in imp] for imp in importance]}
     return rt.calibration
-
-
-def _window_nll(model, batches) -> float:
-    """Mean next-token NLL of the model over token-id windows (eval mode, no gradients)."""
-    def each(out, ids):
-        return float(out.loss) * (ids.shape[1] - 1) * ids.shape[0], (ids.shape[1] - 1) * ids.shape[0]
-
-    _, _, parts = run_windows(model, batches, each, labels=True)
-    return sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
 
 
 def _layer_split(num_heads: int, top_k: int, heads: int) -> tuple[int, int]:

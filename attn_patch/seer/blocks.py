@@ -104,9 +104,7 @@ def select_blocks(probs: torch.Tensor, *, density: float | None = None, threshol
     if density is not None:
         # top-k straight to index lists: only the k winners are sorted, never the whole [NQB, NKB]
         # map, and the width is known without reading anything back from the device
-        low = int(keep_sink) + int(keep_diagonal)
-        ks = [min(nk, max(topk_for_layout(float(d), nq, nk, q_block_offset), low))
-              for d in (density if per_head else [density])]
+        ks = layout_ks(density if per_head else [density], nq, nk, q_block_offset, keep_sink, keep_diagonal)
         k = max(ks)
         if allocation == "heads" and h > 1:
             return _shared_topk(ranked, k)

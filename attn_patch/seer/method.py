@@ -32,7 +32,7 @@ from ..errors import ConfigError, PatchStateError, UnsupportedModelError
 from ..families import attention_modules, family_of, head_dim
 from ..kernels import MAX_HEAD_DIM, attention_reference
 from ..masks import as_attention_mask
-from ..models import run_windows
+from ..models import mean_window_loss, run_windows
 from ..registry import Method, register_method
 from . import weights as W
 from .blocks import (allocate_budget, block_mass_reference, ground_truth_reference, kept_mass_curve, layout_ks,
@@ -706,20 +706,16 @@ def _layer_loss(model, batches, calibration: dict, levels: list[float]) -> dict:
     levels = sorted({max(d, round(low + 5e-7, 6)) for d in levels})
     kept = torch.tensor(calibration["kept"], dtype=torch.float64)
 
-    def loss() -> float:
-        _, n, losses = run_windows(model, batches, lambda out, ids: float(out.loss) * ids.shape[0], labels=True)
-        return sum(losses) / n
-
     delta = []
     try:
         rt.probe = (-1, None)  # every layer dense
-        base = loss()
+        base = mean_window_loss(model, batches)
         for i in range(len(gates)):
             row = []
             for d in levels:
                 split = allocate_budget(kept[i], calibration["densities"], d, calibration["cost"])
                 rt.probe = (i, tuple(float(x) for x in split))
-                row.append(round(loss() - base, 6))
+                row.append(round(mean_window_loss(model, batches) - base, 6))
             delta.append(row)
     finally:
         rt.probe = None
