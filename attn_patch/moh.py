@@ -23,6 +23,12 @@ mean, from per-layer loss probes (layers that need every head keep them all).
   unchanged o_proj, with the scales chosen so that an untrained router (zero shared and mixing
   weights, near-zero routing weights) multiplies every computed head by ~1, i.e. starts at the
   dense model restricted to the heads.
+- ``router="predict"``: a linear map of the token's hidden state (as above) and its query log-norms
+  predicts, for every head, the log of the norm of what that head adds to the residual stream (its
+  output through its slice of o_proj). ``calibrate()`` fits it by ridge regression to those norms
+  measured on text with every head computed (the model distilled into its own router, no training
+  loop); per token the heads with the largest predicted contribution are kept, by default all of
+  them routed (no shared heads). Gates are binary with straight-through gradients, as for "norm".
 
 Training: the load-balance loss of each layer (MoH / Switch form, ``E * sum_i P_i f_i`` over the
 E routed heads: P_i the mean routing probability, f_i the fraction of the token's top-k picks
@@ -59,6 +65,7 @@ VERSION = 3  # 2: head order and norm scales from calibrate(), saved for every r
 WEIGHTS_NAME = "routers.safetensors"
 CONFIG_NAME = "config.json"
 DEFAULT_ACTIVE = 0.75
+RIDGE = 0.01  # predict routers: ridge penalty of calibrate()'s fit, on standardised features
 ROUTE_INIT_STD = 1e-3  # learned routing weights: token-dependent picks, gates within ~3% of 1 at start
 
 
@@ -67,13 +74,16 @@ class MoHConfig(MethodConfig):
     router: str | None = option(
         None, "'norm': parameter-free (query norm over the per-token std across heads, binary gates, "
         "straight-through gradients; MoH-LLaMA3); 'learned': the paper's linear router on the hidden state "
-        "with weighted heads. None: 'norm', or what the routers at `routers` were trained as",
-        choices=(None, "norm", "learned"))
+        "with weighted heads; 'predict': a linear map of the hidden state and query norms, fitted by "
+        "attn_patch.moh.calibrate to predict each head's contribution, binary gates. None: 'norm', or what the "
+        "routers at `routers` were trained as",
+        choices=(None, "norm", "learned", "predict"))
     active: float | None = option(
         None, f"fraction of the query heads each token uses, rounded to whole heads (default {DEFAULT_ACTIVE}); "
         "or give shared and top_k")
     shared: int | None = option(None, "query heads every token uses (the first ones, or the most important after "
-                                     "attn_patch.moh.calibrate); default half the active heads")
+                                     "attn_patch.moh.calibrate); default half the active heads (none for "
+                                     "router='predict')")
     top_k: int | None = option(None, "routed heads each token picks; default the active heads minus the shared ones")
     balance_weight: float = option(0.01, "weight of the load-balance loss returned by attn_patch.aux_loss(model)")
     routers: str | None = option(
@@ -97,13 +107,15 @@ class MoHConfig(MethodConfig):
             raise ConfigError(f"balance_weight must be >= 0, got {self.balance_weight}")
 
 
-def head_split(num_heads: int, active: float | None, shared: int | None, top_k: int | None) -> tuple[int, int]:
-    """(shared, top_k) for a model with ``num_heads`` query heads."""
+def head_split(num_heads: int, active: float | None, shared: int | None, top_k: int | None,
+               halve: bool = True) -> tuple[int, int]:
+    """(shared, top_k) for a model with ``num_heads`` query heads; with only ``active`` given, half the
+    active heads are shared (``halve``) or none."""
     if shared is None or top_k is None:
         # half up (not Python's half-to-even): 50% of 9 heads is 5, never fewer heads than asked for at .5
         n_active = max(1, int((DEFAULT_ACTIVE if active is None else active) * num_heads + 0.5))
         if shared is None and top_k is None:
-            shared = n_active // 2
+            shared = n_active // 2 if halve else 0
             top_k = n_active - shared
         elif shared is None:
             shared = n_active - top_k
@@ -129,10 +141,10 @@ class MoHRouter(nn.Module):
     def __init__(self, kind: str, num_heads: int, shared: int, top_k: int, hidden_size: int | None = None,
                  gates: str = "scaled"):
         super().__init__()
-        if kind not in ("norm", "learned"):
-            raise ConfigError(f"router must be 'norm' or 'learned', got {kind!r}")
-        if kind == "learned" and not hidden_size:
-            raise ConfigError("a learned router needs the model's hidden size")
+        if kind not in ("norm", "learned", "predict"):
+            raise ConfigError(f"router must be 'norm', 'learned' or 'predict', got {kind!r}")
+        if kind != "norm" and not hidden_size:
+            raise ConfigError(f"a {kind} router needs the model's hidden size")
         self.kind, self.num_heads, self.hidden_size = kind, num_heads, hidden_size
         # learned routers: "scaled" (the paper's un-renormalised softmax gates, times the number of routed
         # heads so an untrained router starts at ~1), or "renormalised" over the top-k (routers saved
@@ -141,12 +153,20 @@ class MoHRouter(nn.Module):
         self.layer_index = 0
         self.runtime = None
         self._hidden = None
+        self._calib_x = None  # calibrate(): a predict router's inputs, until the output projection's hook
         self._hook = None
         # which heads are shared (the first `shared` of head_order) and routed (the rest, in the order of
         # the routing logits), and the norm router's per-head query-norm scales: identity and ones until
         # calibrate() measures the model (saved with the routers, not part of the model's state_dict)
         self.register_buffer("head_order", torch.arange(num_heads), persistent=False)
         self.register_buffer("norm_scale", torch.ones(num_heads), persistent=False)
+        # predict routers: every head's log contribution from [hidden state, log query norms]; fitted by
+        # calibrate() (or loaded), whatever the split, so set_split never rebuilds it
+        self.fitted = kind != "predict"
+        if kind == "predict":
+            self.route = nn.Linear(hidden_size + num_heads, num_heads, device=self.head_order.device)
+            nn.init.zeros_(self.route.weight)
+            nn.init.zeros_(self.route.bias)
         self.set_split(shared, top_k)
 
     def set_split(self, shared: int, top_k: int) -> None:
@@ -176,8 +196,25 @@ class MoHRouter(nn.Module):
         """The routed heads, in the order of the routing logits and probabilities."""
         return self.head_order[self.shared:]
 
+    def features(self, query: torch.Tensor) -> torch.Tensor:
+        """A predict router's input [B, T, hidden + H] (float32): the hidden state and the log query norms."""
+        hidden = self._hidden
+        if hidden is None or hidden.shape[:2] != (query.shape[0], query.shape[2]):
+            raise PatchStateError(f"the {self.kind} MoH router did not see this layer's hidden states (the forward "
+                                  "pre-hook on the attention module); was the module called directly?")
+        lognorm = query.float().norm(dim=-1).clamp_min(1e-6).log().transpose(1, 2)
+        return torch.cat([hidden.float(), lognorm], dim=-1)
+
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """Routing logits [B, T, routed] (float32)."""
+        if self.kind == "predict":
+            if not self.fitted:
+                raise PatchStateError("router='predict' is fitted by attn_patch.moh.calibrate(model, batches) "
+                                      "(or loaded with routers=PATH); it has not been")
+            feats = self.features(query)
+            with torch.autocast(feats.device.type, enabled=False):  # rank heads on float32 predictions
+                pred = nn.functional.linear(feats, self.route.weight.float(), self.route.bias.float())
+            return pred[..., self.routed_index]
         if self.kind == "norm":
             norms = query.float().norm(dim=-1).transpose(1, 2) / self.norm_scale  # [B, T, H]
             std = norms.std(dim=-1, keepdim=True, correction=0) if self.num_heads > 1 else torch.ones_like(norms[..., :1])
@@ -205,7 +242,7 @@ class MoHRouter(nn.Module):
         hard = torch.zeros_like(probs).scatter_(-1, picked, 1.0)
         mask[..., self.shared:] = hard.bool()
         shared = torch.ones(b, t, self.shared, device=query.device)
-        if self.kind == "norm":
+        if self.kind in ("norm", "predict"):
             routed = hard + (probs - probs.detach())  # exactly 1 / 0, gradient of the probabilities
         else:
             sel = probs * hard
@@ -338,13 +375,15 @@ def _resolve(model, config: MoHConfig) -> tuple[str, list[tuple[int, int]], dict
             raise ConfigError(f"options {', '.join(clash)} differ from the routers at {config.routers}; drop them")
         return saved["kind"], splits, tensors, str(config.routers), meta
     kind = config.router or "norm"
-    split = head_split(h, config.active, config.shared, config.top_k)
+    split = head_split(h, config.active, config.shared, config.top_k, halve=kind != "predict")
     if kind == "learned" and config.routers is None:
         raise ConfigError("router='learned' needs trained routers: pass routers=PATH (written by "
                           "recipes/moh_train.py), or routers='untrained' to start training fresh ones")
-    if kind == "norm" and config.routers == UNTRAINED:
-        raise ConfigError("routers='untrained' is for learned routers; the 'norm' router has no weights")
-    return kind, [split] * n_layers, None, UNTRAINED if kind == "learned" else "parameter-free", None
+    if kind != "learned" and config.routers == UNTRAINED:
+        raise ConfigError(f"routers='untrained' is for learned routers; the {kind!r} router "
+                          + ("has no weights" if kind == "norm" else "is fitted by attn_patch.moh.calibrate"))
+    source = {"learned": UNTRAINED, "norm": "parameter-free", "predict": "calibrate"}[kind]
+    return kind, [split] * n_layers, None, source, None
 
 
 def check_model(model, config: MoHConfig) -> None:
@@ -383,7 +422,7 @@ def attach(model, config: MoHConfig) -> None:
         router.to(device)
         router.layer_index, router.runtime, router.source = i, runtime, source
         module.add_module(ROUTER_ATTR, router)
-        if kind == "learned":
+        if kind in ("learned", "predict"):
             router._hook = module.register_forward_pre_hook(_capture_hidden, with_kwargs=True)
 
 
@@ -430,6 +469,8 @@ def attention(config: MoHConfig, module, query, key, value, attention_mask, scal
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     valid = _valid_rows(mask, tq, tk)
     if rt.calibrating is not None:  # calibrate(): every head computed, query norms recorded
+        if router.kind == "predict":  # the fit's inputs; its targets come from the output projection's hook
+            router._calib_x = router.features(query.detach())
         router._hidden = None
         head_mask = torch.ones(b, tq, hq, dtype=torch.bool, device=query.device)
         gates, probs = head_mask.float(), None
@@ -487,12 +528,17 @@ def calibrate(model, batches, source: str | None = None) -> dict:
     importance = [None] * len(modules)
     hooks = []
 
+    fits = [_RidgeFit() if r.kind == "predict" else None for r in routers]
+
     def hook(i, gram):
         def f(_, args):
             x = args[0].detach().float()
             x = x.view(*x.shape[:-1], h, -1)  # [B, T, H, D]
             norms = torch.einsum("bthd,hde,bthe->bth", x, gram, x).clamp_min(0).sqrt()
             importance[i] = norms.sum((0, 1)) + (importance[i] if importance[i] is not None else 0)
+            if fits[i] is not None:
+                feats, routers[i]._calib_x = routers[i]._calib_x, None
+                fits[i].add(feats.flatten(0, 1), norms.clamp_min(CONTRIB_FLOOR).log().flatten(0, 1))
         return f
 
     for i, module in enumerate(modules):
@@ -507,43 +553,105 @@ def calibrate(model, batches, source: str | None = None) -> dict:
         rt.calibrating = None
         for hk in hooks:
             hk.remove()
+    fit_r2 = []
     for i, r in enumerate(routers):
         order = torch.argsort(importance[i].cpu(), descending=True, stable=True)
         r.head_order.copy_(order)
         r.norm_scale.copy_((qsum[i] / tokens).clamp_min(1e-6))
+        if fits[i] is not None:
+            weight, bias, r2 = fits[i].solve(RIDGE)
+            with torch.no_grad():
+                r.route.weight.copy_(weight.to(r.route.weight))
+                r.route.bias.copy_(bias.to(r.route.bias))
+            r.fitted = True
+            fit_r2.append(round(r2, 4))
     rt.reset_stats()
     rt.calibration = {"tokens": tokens, "batches": n_batches, "source": source,
                       "importance": [[round(float(v) / tokens, 5) for v in imp] for imp in importance]}
+    if fit_r2:  # how much of the per-token log-contribution variance the predict routers explain
+        rt.calibration["fit_r2"] = fit_r2
     return rt.calibration
 
 
-def _layer_split(num_heads: int, top_k: int, heads: int) -> tuple[int, int]:
-    """(shared, top_k) of a layer that keeps ``heads`` heads per token: all of them, or top_k routed."""
-    return (num_heads, 0) if heads >= num_heads else (heads - top_k, top_k)
+CONTRIB_FLOOR = 1e-4  # predict routers: contributions are fitted as log(max(norm, floor))
 
 
-def set_layer_heads(model, heads: list[int], top_k: int = 1) -> None:
+class _RidgeFit:
+    """Running sums for a least-squares fit of Y [N, H] on X [N, F] (float64), solved as ridge regression
+    on standardised features so that one penalty suits features of any scale."""
+
+    def __init__(self):
+        self.n, self.sx, self.sy, self.xx, self.xy, self.yy = 0, 0, 0, 0, 0, 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        self.n += x.shape[0]
+        self.sx = self.sx + x.sum(0)
+        self.sy = self.sy + y.sum(0)
+        self.xx = self.xx + x.T @ x
+        self.xy = self.xy + x.T @ y
+        self.yy = self.yy + (y * y).sum(0)
+
+    def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(weight [H, F], bias [H], R^2 on the fitted data averaged over the outputs)."""
+        if self.n < 2:
+            raise ConfigError("calibrate() needs at least two tokens to fit a predict router")
+        mx, my = self.sx / self.n, self.sy / self.n
+        cov = self.xx / self.n - torch.outer(mx, mx)
+        cxy = self.xy / self.n - torch.outer(mx, my)
+        std = cov.diagonal().clamp_min(0).sqrt().clamp_min(1e-8)
+        corr = cov / torch.outer(std, std)
+        ws = torch.linalg.solve(corr + ridge * torch.eye(len(std), dtype=corr.dtype, device=corr.device),
+                                cxy / std[:, None])
+        w = ws / std[:, None]  # [F, H]
+        b = my - mx @ w
+        # residual variance of the fit: E[(y - xw - b)^2] from the sums
+        var_y = (self.yy / self.n - my * my).clamp_min(1e-12)
+        resid = var_y - 2 * (w * cxy).sum(0) + (w * (cov @ w)).sum(0)
+        r2 = float((1 - resid / var_y).mean())
+        return w.T.float(), b.float(), r2
+
+
+def _layer_split(num_heads: int, top_k: int | None, heads: int) -> tuple[int, int]:
+    """(shared, top_k) of a layer that keeps ``heads`` heads per token: all of them, or top_k routed
+    (``top_k`` None: all ``heads`` routed, nothing shared)."""
+    if heads >= num_heads:
+        return num_heads, 0
+    return (0, heads) if top_k is None else (heads - top_k, top_k)
+
+
+def _default_top_k(routers: list[MoHRouter], top_k: int | None) -> int | None:
+    """allocate()'s routed picks per layer: 1 unless given; a predict router routes every kept head
+    (None) unless a top_k is given."""
+    return top_k if top_k is not None or routers[0].kind == "predict" else 1
+
+
+def set_layer_heads(model, heads: list[int], top_k: int | None = None) -> None:
     """Per-layer head counts (as allocate() chooses them): layer i keeps ``heads[i]`` heads per token,
-    ``top_k`` of them routed (every head when ``heads[i]`` is the number of heads)."""
+    ``top_k`` of them routed, the rest shared (every head when ``heads[i]`` is the number of heads).
+    ``top_k`` defaults to 1, or for predict routers to all of the kept heads (none shared)."""
     routers = routers_of(model)
+    top_k = _default_top_k(routers, top_k)
     if len(heads) != len(routers):
         raise ConfigError(f"{len(heads)} head counts for {len(routers)} layers")
     for r, a in zip(routers, heads):
-        if not max(top_k, 1) <= a <= r.num_heads:
+        if not max(top_k or 1, 1) <= a <= r.num_heads:
             raise ConfigError(f"layer {r.layer_index}: {a} heads with top_k={top_k} (need top_k <= heads <= "
                               f"{r.num_heads})")
         r.set_split(*_layer_split(r.num_heads, top_k, int(a)))
     routers[0].runtime.reset_stats()
 
 
-def allocate(model, batches, active: float | None = None, top_k: int = 1, min_heads: int | None = None) -> dict:
+def allocate(model, batches, active: float | None = None, top_k: int | None = None,
+             min_heads: int | None = None) -> dict:
     """Give each layer its own number of active heads, with ``active`` (default 0.75) of all the
     model's query heads on average, where dropping heads costs the least.
 
     Call after calibrate() (the shared heads must be the important ones). ``batches`` as for calibrate.
     Every layer is probed alone: with all other layers computing every head, the layer keeps ``a`` heads
-    per token (``a - top_k`` shared, ``top_k`` routed picks; all heads at ``a`` = num_heads) for each
-    ``a`` from ``min_heads`` (default ``max(top_k, 1)``) up, and the rise in the mean NLL on
+    per token (``a - top_k`` shared, ``top_k`` routed picks; all heads at ``a`` = num_heads; ``top_k``
+    defaults to 1, and for predict routers to ``a``: every kept head routed) for each ``a`` from
+    ``min_heads`` (default ``max(top_k, 1)``) up, and the rise in the mean NLL on
     ``batches`` is measured. A greedy allocation over these curves (the one seer uses for its per-head
     densities) then hands out the heads, ``round(active * layers * heads)`` in all at most.
     Costs ``layers x (num_heads - min_heads)`` passes over ``batches``.
@@ -560,12 +668,13 @@ def allocate(model, batches, active: float | None = None, top_k: int = 1, min_he
                           "important ones: call attn_patch.moh.calibrate(model, batches) first")
     h, n_layers = routers[0].num_heads, len(routers)
     active = DEFAULT_ACTIVE if active is None else active
+    top_k = _default_top_k(routers, top_k)
     if not 0.0 < active <= 1.0:
         raise ConfigError(f"active must be a fraction of the heads in (0, 1], got {active}")
-    if not 1 <= top_k < h:
+    if top_k is not None and not 1 <= top_k < h:
         raise ConfigError(f"top_k must be between 1 and {h - 1} (the routed picks per token), got {top_k}")
-    low = max(top_k, 1) if min_heads is None else min_heads
-    if not top_k <= low <= h:
+    low = (top_k or 1) if min_heads is None else min_heads
+    if not (top_k or 1) <= low <= h:
         raise ConfigError(f"min_heads must be between top_k={top_k} and {h}, got {min_heads}")
     levels = list(range(low, h + 1))
     total = int(active * n_layers * h + 0.5)
@@ -673,6 +782,8 @@ def _load_state(routers: list[MoHRouter], tensors: dict[str, torch.Tensor], wher
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key].to(param.device, param.dtype))
+    for r in routers:
+        r.fitted = True
 
 
 def save_routers(model, path, training: dict | None = None) -> Path:

@@ -1,10 +1,10 @@
 """Continue-tune a model into Mixture-of-Head attention (MoH): each token uses a subset of the query
 heads, only those are computed, and a load-balance loss keeps the routed heads in use.
 
-    # SmolLM2 at 75% of the heads (parameter-free norm router, all weights train)
+    # SmolLM2 at 75% of the heads (predict router, per-layer head counts, all weights train)
     accelerate launch --config_file recipes/configs/single_gpu.yaml recipes/moh_train.py \\
         --data ../shared/data/books/moby_dick.txt ../shared/data/books/jack_sheppard.txt \\
-        --active 0.75 --seq-len 4096 --steps 300 --out runs/moh75
+        --active 0.75 --allocate --seq-len 4096 --steps 300 --out runs/moh75
 
     # the dense model fine-tuned on the same tokens (the baseline MoH is judged against)
     accelerate launch ... recipes/moh_train.py --dense --data ... --steps 300 --out runs/dense
@@ -16,8 +16,9 @@ The model is patched with ``attn_patch.apply(model, "moh", router=..., active=..
 ``"flash"``, the same kernel family computing every head). Routers start close to the dense model:
 first ``attn_patch.moh.calibrate`` measures the heads on ``--calibrate-windows`` training windows
 and makes the most important ones (by what they add to the residual stream) the shared heads, so
-the heads a token can drop are the least important ones; the norm router has no weights (it ranks
-heads by their query norms, scaled per head by calibration), untrained learned routers weight
+the heads a token can drop are the least important ones; the predict router (the default) is
+fitted there to predict each head's contribution per token, the norm router has no weights (it
+ranks heads by their query norms, scaled per head by calibration), untrained learned routers weight
 every computed head by ~1. ``--allocate`` then sets a number of heads per layer (same mean) from
 per-layer loss probes. ``--steps 0`` only calibrates and writes the routers. ``--train`` picks what
 learns: ``all`` (default), ``attention`` (the attention modules: projections and routers) or
@@ -33,7 +34,7 @@ packed with EOS between documents into windows of ``--seq-len`` tokens; the wind
 permutation with ranks taking disjoint windows, so ``--resume`` continues exactly.
 
 Output (``--out``): ``model/`` (the tuned weights as a standalone transformers model + tokenizer),
-``routers/`` (router config and, for learned routers, weights: ``attn_patch.apply(model, "moh",
+``routers/`` (router config, head order, scales and router weights: ``attn_patch.apply(model, "moh",
 routers=OUT/routers)`` on ``model/`` is the MoH model), ``attn_patch.json`` (settings and training
 summary), ``log.jsonl`` (NLL, load-balance loss, learning rate, tokens, step time, peak memory, and
 the head utilisation of the last batch), ``checkpoint/`` (trainable weights, optimizer, scheduler).
@@ -61,19 +62,24 @@ def parse_args(argv=None):
     add_data_arguments(ap)
     ap.add_argument("--dense", action="store_true", help="train the dense model instead (method 'flash'): the "
                                                          "baseline with the same data, tokens and schedule")
-    ap.add_argument("--router", default="norm", choices=["norm", "learned"])
+    ap.add_argument("--router", choices=["predict", "norm", "learned"],
+                    help="predict (default): fitted by calibration to each head's contribution, no shared heads "
+                         "unless --shared; norm: parameter-free (MoH-LLaMA3); learned: the paper's")
     ap.add_argument("--active", type=float, help="fraction of the query heads per token (default 0.75)")
-    ap.add_argument("--shared", type=int, help="always-on heads (default: half the active heads)")
+    ap.add_argument("--shared", type=int, help="always-on heads (default: half the active heads; none with "
+                                                "--router predict)")
     ap.add_argument("--top-k", type=int, help="routed heads per token (default: active minus shared)")
     ap.add_argument("--allocate", action="store_true",
                     help="after calibration, give each layer its own number of heads with --active of them on "
                          "average, from per-layer loss probes on the calibration windows (attn_patch.moh.allocate); "
-                         "--top-k is then the routed picks per layer (default 1)")
+                         "--top-k is then the routed picks per layer (default 1; with --router predict every kept "
+                         "head is routed)")
     ap.add_argument("--balance-weight", type=float, default=0.01, help="weight of the load-balance loss")
     ap.add_argument("--train", default="all", choices=["all", "attention", "routers"],
                     help="parameters that learn (routers: learned routers only)")
     ap.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence")
-    ap.add_argument("--router-lr", type=float, help="learning rate of learned routers (default: 10x --lr)")
+    ap.add_argument("--router-lr", type=float, help="learning rate of the router weights (default: 10x --lr for "
+                                                    "learned routers, --lr for predict routers)")
     ap.add_argument("--distill", type=float, default=0.0,
                     help="weight of a KL(original dense model || trained model) term added to the NLL per token "
                          "(0: off); the untouched model is the teacher, so the run learns the text without "
@@ -146,9 +152,14 @@ def main(argv=None) -> int:
     from attn_patch.evals.common import load_model
     from attn_patch.moh import save_routers
 
-    if args.dense and (args.router != "norm" or args.active or args.shared is not None or args.top_k is not None
+    if args.dense and (args.router is not None or args.active or args.shared is not None or args.top_k is not None
                        or args.allocate):
         raise SystemExit("--dense trains the dense model: drop the MoH options")
+    if not args.dense:
+        args.router = args.router or "predict"
+    if args.router == "predict" and not args.calibrate_windows:
+        raise SystemExit("--router predict (the default) is fitted by calibration: keep --calibrate-windows above 0, "
+                         "or use --router norm")
     if args.allocate and (args.shared is not None or not args.calibrate_windows):
         raise SystemExit("--allocate sets every layer's shared heads itself from calibration: drop --shared and "
                          "keep --calibrate-windows above 0")
@@ -195,14 +206,14 @@ def main(argv=None) -> int:
 
                 with accelerator.autocast():  # L x (heads - 1) forwards: in the training precision, not fp32
                     got = allocate(model, [windows[i:i + 1] for i in range(n_cal)], active=args.active,
-                                   top_k=args.top_k or 1)
+                                   top_k=args.top_k)
                 if accelerator.num_processes > 1:  # every rank must route the same heads (shapes of learned routers)
                     from accelerate.utils import broadcast_object_list
 
                     from attn_patch.moh import set_layer_heads
 
                     got["heads"] = broadcast_object_list([got["heads"]])[0]
-                    set_layer_heads(model, got["heads"], args.top_k or 1)
+                    set_layer_heads(model, got["heads"], args.top_k)
                 accelerator.print(f"allocated {sum(got['heads'])} heads over {len(got['heads'])} layers: "
                                   f"{got['heads']}")
     for p in model.parameters():
@@ -214,8 +225,9 @@ def main(argv=None) -> int:
         enable_checkpointing(model)
     router_params = [p for n, p in named if "moh_router" in n]
     other_params = [p for n, p in named if "moh_router" not in n]
+    router_lr = args.router_lr or (10 * args.lr if args.router == "learned" else args.lr)
     groups = [g for g in ({"params": other_params, "lr": args.lr},
-                          {"params": router_params, "lr": args.router_lr or 10 * args.lr}) if g["params"]]
+                          {"params": router_params, "lr": router_lr}) if g["params"]]
     n_params = sum(p.numel() for _, p in named)
     moh = method == "moh"
     accelerator.print(f"{len(docs)} documents -> {windows.shape[0]} windows of {args.seq_len} tokens; "
@@ -250,7 +262,7 @@ def main(argv=None) -> int:
 
     def training_info(step: int, final: dict | None = None) -> dict:
         return {"step": step, "tokens": step * tokens_per_step, "data": [Path(d).name for d in args.data],
-                "lr": args.lr, "router_lr": args.router_lr or 10 * args.lr, "schedule": args.schedule,
+                "lr": args.lr, "router_lr": router_lr, "schedule": args.schedule,
                 "warmup": args.warmup, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                 "processes": accelerator.num_processes, "mixed_precision": precision, **(final or {})}
 

@@ -49,7 +49,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_moh_model(tiny, tmp_path)
     import attn_patch
 
     out = tmp_path / "run"
-    assert load_script(TRAIN).main(_args(tiny, out, "--steps", "30", "--active", "0.5")) == 0
+    assert load_script(TRAIN).main(_args(tiny, out, "--steps", "30", "--active", "0.5", "--router", "norm")) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 30 and log[-1]["tokens"] == 30 * SEQ
     early, late = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
@@ -101,7 +101,7 @@ def test_dense_baseline_and_routers_only(tiny, tmp_path):
     assert recipe.main(_args(tiny, tmp_path / "r", "--steps", "2", "--router", "learned", "--train", "routers",
                              "--no-save-model")) == 0
     with pytest.raises(SystemExit, match="nothing to train"):
-        recipe.main(_args(tiny, tmp_path / "x", "--steps", "1", "--train", "routers"))
+        recipe.main(_args(tiny, tmp_path / "x", "--steps", "1", "--train", "routers", "--router", "norm"))
     with pytest.raises(SystemExit, match="drop the MoH options"):
         recipe.main(_args(tiny, tmp_path / "y", "--steps", "1", "--dense", "--active", "0.5"))
 
@@ -190,3 +190,89 @@ def test_allocate_sets_heads_per_layer(tiny, tmp_path):
     assert recipe.main(_args(tiny, sliced, *common, "--resume")) == 0
     want = json.loads((sliced / "checkpoint" / "routers" / "config.json").read_text())["router"]["layers"]
     assert json.loads((sliced / "routers" / "config.json").read_text())["router"]["layers"] == want
+
+
+def test_predict_router_is_calibrated_then_trained(tiny, tmp_path):
+    """--router predict: calibration on the first --calibrate-windows windows fits the routers (no
+    shared heads, fit_r2 saved), training then moves their weights at --lr (not 10x) and lowers the
+    loss; the saved model + routers load back fitted and beat the untouched model with freshly fitted
+    routers; --calibrate-windows 0 is refused."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import attn_patch
+    from attn_patch.moh import calibrate, routers_of
+
+    recipe = load_script(TRAIN)
+    out = tmp_path / "predict"
+    assert recipe.main(_args(tiny, out, "--steps", "30", "--active", "0.5", "--router", "predict")) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 30 and all(r["active"] == pytest.approx(0.5) for r in log)
+    early, late = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert late < early - 0.3, (early, late)
+    info = json.loads((out / "attn_patch.json").read_text())
+    assert info["options"]["router"] == "predict" and "routers" not in info["options"]
+    assert info["training"]["router_lr"] == pytest.approx(3e-3)
+    meta = json.loads((out / "routers" / "config.json").read_text())
+    assert meta["router"]["kind"] == "predict" and meta["router"]["layers"] == [[0, 3]] * 2
+    assert meta["calibration"]["tokens"] == 4 * SEQ and len(meta["calibration"]["fit_r2"]) == 2
+    trained = load_file(out / "routers" / "routers.safetensors")
+
+    untouched = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
+    windows = _windows(tiny)
+    with attn_patch.patched(untouched, "moh", router="predict", active=0.5):
+        cal = calibrate(untouched, [windows[i:i + 1] for i in range(4)])  # what the run started from
+        assert cal["fit_r2"] == pytest.approx(meta["calibration"]["fit_r2"], abs=1e-3)
+        assert all(0.0 < v <= 1.0 for v in cal["fit_r2"])
+        for i, r in enumerate(routers_of(untouched)):
+            assert trained[f"layers.{i}.route.weight"].shape == r.route.weight.shape
+            moved = (trained[f"layers.{i}.route.weight"] - r.route.weight.detach()).abs().max()
+            assert moved > 1e-3, f"layer {i}: the router did not train ({float(moved)})"
+            assert torch.equal(trained[f"layers.{i}.head_order"], r.head_order)
+        ids = windows[:2]
+        with torch.no_grad():
+            nll_untouched = untouched(ids, labels=ids).loss
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    with torch.no_grad(), attn_patch.patched(tuned, "moh", routers=str(out / "routers")):
+        assert all(r.kind == "predict" and r.fitted for r in routers_of(tuned))
+        nll_tuned = tuned(ids, labels=ids).loss
+    assert nll_tuned < nll_untouched - 0.2, (nll_tuned, nll_untouched)
+    with pytest.raises(SystemExit, match="calibrate-windows"):
+        recipe.main(_args(tiny, tmp_path / "x", "--steps", "1", "--router", "predict", "--calibrate-windows", "0"))
+
+
+def test_predict_router_resume_and_allocate(tiny, tmp_path):
+    """--router predict resumes exactly (the fitted routers come back from the checkpoint); with
+    --allocate every kept head of a layer is routed (per-layer splits [0, a], or [6, 0] for a whole
+    layer) within --active, and apply loads the counts back."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import attn_patch
+
+    recipe = load_script(TRAIN)
+    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
+    common = ("--steps", "6", "--router", "predict", "--train", "attention", "--no-save-model")
+    assert recipe.main(_args(tiny, straight, *common)) == 0
+    assert recipe.main(_args(tiny, sliced, *common, "--stop-at", "3")) == 0
+    assert recipe.main(_args(tiny, sliced, *common, "--resume")) == 0
+    a = load_file(straight / "checkpoint" / "trainable.safetensors")
+    b = load_file(sliced / "checkpoint" / "trainable.safetensors")
+    assert a.keys() == b.keys() and any("moh_router.route.weight" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert json.loads((straight / "routers" / "config.json").read_text())["router"]["layers"] == [[0, 5]] * 2
+
+    out = tmp_path / "alloc"
+    assert recipe.main(_args(tiny, out, "--steps", "2", "--active", "0.5", "--allocate", "--router", "predict")) == 0
+    meta = json.loads((out / "routers" / "config.json").read_text())
+    layers = meta["router"]["layers"]
+    assert meta["router"]["kind"] == "predict" and len(layers) == 2
+    assert all(sh == 0 and 1 <= k < 6 or (sh, k) == (6, 0) for sh, k in layers), layers
+    heads = [sh + k for sh, k in layers]
+    allocation = meta["calibration"]["allocation"]
+    assert allocation["heads"] == heads and allocation["top_k"] is None and sum(heads) <= 6
+    assert allocation["levels"] == list(range(1, 7)) and len(meta["calibration"]["fit_r2"]) == 2
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    with attn_patch.patched(tuned, "moh", routers=str(out / "routers")):
+        assert attn_patch.stats(tuned)["heads_per_layer"] == heads
