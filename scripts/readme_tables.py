@@ -188,7 +188,10 @@ def train_step_tables(rows) -> str:
 
 def moh_tables(rows) -> str:
     """Head-routed (MoH) attention against our dense kernel (scripts/bench_moh.py)."""
-    latest = _latest([r for r in rows if r.get("bench") == "moh"], extra=lambda e: e.split(",")[0])
+    def selection(extra):  # the ratio, plus ",shared=0" for rows that route every active head
+        return ",".join(p for p in extra.split(",") if not p.startswith("active="))
+
+    latest = _latest([r for r in rows if r.get("bench") == "moh"], extra=selection)
     out = []
     for gpu in sorted({k[0] for k in latest}):
         mine = {k: v for k, v in latest.items() if k[0] == gpu}
@@ -196,9 +199,15 @@ def moh_tables(rows) -> str:
         out.append(f"**{gpu}**, torch {r0['torch']}, triton {r0['triton']}, {r0['dtype']}, batch 1, "
                    f"{r0['heads_q']} q / {r0['heads_kv']} KV heads, d={r0['head_dim']}, causal; median ms and, in "
                    "brackets, the time relative to our dense kernel (lower is better). \"moh\" includes compacting "
-                   "the head mask; \"masked\" is dense then zeroing the unselected heads (the reference MoH code)\n")
-        out.append("| pass | N | dense (ours) | SDPA cuDNN | MoH 75% | MoH 50% | masked 50% |")
-        out.append("|---|---|---|---|---|---|---|")
+                   "the head mask; \"masked\" is dense then zeroing the unselected heads (the reference MoH code); "
+                   "\"no shared\": every active head routed per token (the predict router's selection), otherwise half "
+                   "of them shared (the norm router's)\n")
+        unshared = any(k[3].endswith("shared=0") for k in mine)
+        extra_cols = [("ratio=0.75,shared=0", "MoH 75%, no shared"), ("ratio=0.5,shared=0", "MoH 50%, no shared")]
+        extra_cols = extra_cols if unshared else []
+        out.append("| pass | N | dense (ours) | SDPA cuDNN | MoH 75% | MoH 50% | " +
+                   "".join(f"{name} | " for _, name in extra_cols) + "masked 50% |")
+        out.append("|---|---|---|---|---|---|---|" + "---|" * len(extra_cols))
         for mode in ("fwd", "fwdbwd"):
             for n in sorted({int(k[5]) for k in mine if k[2] == mode}):
                 here = {(k[1], k[3]): v for k, v in mine.items() if k[2] == mode and int(k[5]) == n}
@@ -212,7 +221,8 @@ def moh_tables(rows) -> str:
                     return f"{float(r['median_ms']):.2f} ms ({float(r['median_ms']) / base:.2f}x)" if r else "-"
                 out.append(f"| {'forward' if mode == 'fwd' else 'fwd+bwd'} | {n} | {base:.2f} ms | {rel(cudnn)} | "
                            f"{rel(here.get(('moh', 'ratio=0.75')))} | {rel(here.get(('moh', 'ratio=0.5')))} | "
-                           f"{rel(here.get(('masked', 'ratio=0.5')))} |")
+                           + "".join(f"{rel(here.get(('moh', key)))} | " for key, _ in extra_cols)
+                           + f"{rel(here.get(('masked', 'ratio=0.5')))} |")
         out.append("")
     return "\n".join(out)
 

@@ -3,8 +3,9 @@ selected (token, head) pairs against our dense kernel computing every head, forw
 forward+backward, at given active-head ratios.
 
 The selection is the shape the MoH router produces: per token, ``shared`` heads always on
-(half of the active heads) and a random top-k of the other heads, ``ratio`` of the query heads in
-all. Providers, on the same tensors: ``moh`` (ours, including the compaction of the head mask into
+(half of the active heads: the norm router's split, ``--shared half``) and a random top-k of the
+other heads, ``ratio`` of the query heads in all; ``--shared none`` routes every active head (the
+predict router's split). Providers, on the same tensors: ``moh`` (ours, including the compaction of the head mask into
 per-head row lists, as the method calls it), ``moh-kernel`` (the kernel alone on ready lists),
 ``dense`` (our fused dense kernel, every head), ``masked`` (dense then zeroing the unselected heads:
 what the reference MoH code computes), ``sdpa-flash`` and ``sdpa-cudnn`` (dense, backend pinned).
@@ -23,11 +24,12 @@ from .common import script_main
 PROVIDERS = ["moh", "moh-kernel", "dense", "masked", "sdpa-flash", "sdpa-cudnn"]
 
 
-def routed_mask(n: int, heads: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+def routed_mask(n: int, heads: int, ratio: float, generator: torch.Generator, half_shared: bool = True
+                ) -> torch.Tensor:
     """bool [1, n, heads]: round(ratio * heads) active heads per token, half of them shared (the first
-    heads, always on), the rest a random choice among the routed heads."""
+    heads, always on; none without ``half_shared``), the rest a random choice among the routed heads."""
     active = max(1, round(ratio * heads))
-    shared = active // 2
+    shared = active // 2 if half_shared else 0
     top_k = active - shared
     mask = torch.zeros(1, n, heads, dtype=torch.bool, device="cuda")
     mask[..., :shared] = True
@@ -38,7 +40,7 @@ def routed_mask(n: int, heads: int, ratio: float, generator: torch.Generator) ->
     return mask
 
 
-def bench(n, ratio, heads, d, dtype, providers, env, mode="fwd", seed=0):
+def bench(n, ratio, heads, d, dtype, providers, env, mode="fwd", seed=0, shared="half"):
     from ..kernels.flash import flash_attention
     from ..kernels.moh import compact_rows, head_routed_attention
 
@@ -50,7 +52,7 @@ def bench(n, ratio, heads, d, dtype, providers, env, mode="fwd", seed=0):
         return torch.randn(1, n, h, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_(grad)
 
     q, k, v = make(hq), make(hkv), make(hkv)
-    head_mask = routed_mask(n, hq, ratio, g)
+    head_mask = routed_mask(n, hq, ratio, g, half_shared=shared == "half")
     active = float(head_mask.float().mean())
     rows_counts = compact_rows(head_mask)
     gate = head_mask.transpose(1, 2)[..., None].to(dtype)
@@ -87,16 +89,21 @@ def bench(n, ratio, heads, d, dtype, providers, env, mode="fwd", seed=0):
         work = attention_flops(1, hq, n, n, d, True) * share * (3.5 if grad else 1.0)
         rows.append(dict(env, bench="moh", provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
                          batch=1, heads_q=hq, heads_kv=hkv, q_len=n, kv_len=n, head_dim=d, causal=True,
-                         extra=f"ratio={ratio:g},active={active:.3f}",
+                         extra=f"ratio={ratio:g},active={active:.3f}" + ("" if shared == "half" else ",shared=0"),
                          median_ms=round(p50, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
                          tflops=round(work / (p50 * 1e-3) / 1e12, 1)))
         print(f"# {provider:10s} {mode} N={n} ratio {ratio:g}: {p50:.3f} ms", flush=True)
     return rows
 
 
+def selection(extra: str) -> str:
+    """The selection a row timed, from its ``extra``: the ratio, and ``shared=0`` when no head is shared."""
+    return ",".join(p for p in extra.split(",") if not p.startswith("active="))
+
+
 def summary(rows) -> str:
     """Per (mode, N, ratio): ours against our dense kernel (time ratio, the issue's measure)."""
-    keyed = {(r["mode"], int(r["q_len"]), r["extra"].split(",")[0], r["provider"]): float(r["median_ms"])
+    keyed = {(r["mode"], int(r["q_len"]), selection(r["extra"]), r["provider"]): float(r["median_ms"])
              for r in rows}
     lines = []
     for (mode, n, ratio, prov), ms in sorted(keyed.items()):
@@ -121,6 +128,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    ap.add_argument("--shared", nargs="+", default=["half"], choices=["half", "none"],
+                    help="half of the active heads shared (the norm router) and/or none (the predict router)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "kernels.csv"), help="results CSV to append to")
     ap.add_argument("--no-save", action="store_true")
 
@@ -135,11 +144,13 @@ def run(args) -> int:
     for n in args.lengths:
         for mode in args.modes:
             dense_done = False
-            for ratio in args.ratios:
-                provs = [p for p in args.providers if p in ("moh", "moh-kernel", "masked") or not dense_done]
-                rows += bench(n, ratio, tuple(args.heads), args.head_dim, dtype, provs, env, mode=mode)
-                dense_done = True
-                torch.cuda.empty_cache()
+            for shared in args.shared:
+                for ratio in args.ratios:
+                    provs = [p for p in args.providers if p in ("moh", "moh-kernel", "masked") or not dense_done]
+                    rows += bench(n, ratio, tuple(args.heads), args.head_dim, dtype, provs, env, mode=mode,
+                                  shared=shared)
+                    dense_done = True
+                    torch.cuda.empty_cache()
     print_table(rows, ["provider", "mode", "q_len", "extra", "median_ms", "tflops"])
     print("\n# MoH time relative to our dense kernel (lower is better)")
     print(summary(rows))
