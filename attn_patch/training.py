@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -71,6 +73,25 @@ def start_run(args, mixed_precision: str | None = None):
     docs = load_texts(args.data, text_field=args.text_field)
     refuse_held_out(docs, args.allow_eval_text)
     return accelerator, docs
+
+
+def finish_run(accelerator) -> int:
+    """End a recipe's run (trackers, process group) and return its exit code, 0.
+
+    A worker process of a multi-process launch (torchrun / accelerate launch) then exits at once with
+    ``os._exit(0)``, once every rank is done and its output is flushed: letting Python free the DDP
+    model instead destroys the gloo process group inside that deallocation, which joins gloo's worker
+    threads while holding the GIL, and a worker thread still releasing the last collective's tensors
+    waits for the GIL: a deadlock (seen in CI with torch 2.13 on CPU, one rank hanging forever)."""
+    distributed = accelerator.num_processes > 1 and "TORCHELASTIC_RUN_ID" in os.environ
+    if distributed:
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
 
 
 def enable_checkpointing(model) -> None:

@@ -52,8 +52,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 from attn_patch.training import (HelpFormatter, RetrievalMix, add_data_arguments, add_loop_arguments,  # noqa: E402
-                                 chunked_lm_loss, document_positions, enable_checkpointing, head_nll, lr_lambda,
-                                 run_steps, start_run, token_windows)
+                                 chunked_lm_loss, document_positions, enable_checkpointing, finish_run, head_nll,
+                                 lr_lambda, run_steps, start_run, token_windows)
 
 # per family: LoRA targets (q, k, v, o projections) and the embeddings and norms trained in full
 LORA_DEFAULTS = {
@@ -279,15 +279,13 @@ def main(argv=None) -> int:
                       windows=windows, start=start, micro_step=micro_step, checkpoint=lambda step: save(ckpt, step),
                       out=out, desc=f"longlora ({args.attention})", mix=mix)
     if final is None:  # --stop-at
-        accelerator.end_training()
-        return 0
+        return finish_run(accelerator)
     save(out, args.steps, final)
     accelerator.print(f"saved the adapter to {out / 'adapter'}")
-    accelerator.end_training()
     if args.merge and accelerator.is_main_process:
         del wrapper, optimizer, peft_model, model
         _merge_module().merge(out, out / "merged", device=str(device))
-    return 0
+    return finish_run(accelerator)
 
 
 if __name__ == "__main__":

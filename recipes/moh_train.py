@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 from attn_patch.training import (HelpFormatter, add_data_arguments, add_loop_arguments,  # noqa: E402
-                                 chunked_distill_loss, chunked_lm_loss, enable_checkpointing, lr_lambda,
+                                 chunked_distill_loss, chunked_lm_loss, enable_checkpointing, finish_run, lr_lambda,
                                  run_steps, start_run, token_windows)
 
 RUN_FILE = "attn_patch.json"
@@ -300,8 +300,7 @@ def main(argv=None) -> int:
                       params=[p for _, p in named], windows=windows, start=start, micro_step=micro_step,
                       checkpoint=checkpoint, out=out, desc=f"moh ({method})", log_extra=log_extra)
     if final is None:  # --stop-at
-        accelerator.end_training()
-        return 0
+        return finish_run(accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         info = {**run_info, "training": training_info(args.steps, final)}
@@ -315,8 +314,7 @@ def main(argv=None) -> int:
             tokenizer.save_pretrained(out / "model")
         (out / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
         accelerator.print(f"saved {out}")
-    accelerator.end_training()
-    return 0
+    return finish_run(accelerator)
 
 
 if __name__ == "__main__":

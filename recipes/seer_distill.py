@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from attn_patch.training import (HelpFormatter, add_data_arguments, lr_lambda,  # noqa: E402
+from attn_patch.training import (HelpFormatter, add_data_arguments, finish_run, lr_lambda,  # noqa: E402
                                  run_steps, spread_windows, start_run, token_windows)
 
 
@@ -156,8 +156,7 @@ def main(argv=None) -> int:
                       windows=windows, start=start, micro_step=micro_step, checkpoint=lambda step: save(ckpt, step),
                       out=out, desc="distill", train_mode=False)
     if final is None:  # --stop-at
-        accelerator.end_training()
-        return 0
+        return finish_run(accelerator)
     save(out, args.steps, final)
     accelerator.print(f"saved gates to {out}")
     if args.calibrate_windows > 0:
@@ -165,8 +164,7 @@ def main(argv=None) -> int:
             calibrate_saved(base, out, windows, args.calibrate_windows, [Path(d).name for d in args.data])
             accelerator.print(f"calibrated the gates on {min(args.calibrate_windows, len(windows))} windows")
         accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return 0
+    return finish_run(accelerator)
 
 def calibrate_saved(model, out: Path, windows: torch.Tensor, count: int, data: list[str]) -> None:
     """Re-patch the frozen model for inference with the gates just saved and write their calibration
