@@ -196,12 +196,17 @@ class MoHRouter(nn.Module):
         """The routed heads, in the order of the routing logits and probabilities."""
         return self.head_order[self.shared:]
 
-    def features(self, query: torch.Tensor) -> torch.Tensor:
-        """A predict router's input [B, T, hidden + H] (float32): the hidden state and the log query norms."""
+    def _captured_hidden(self, query: torch.Tensor) -> torch.Tensor:
+        """The attention module's input [B, T, hidden] that the forward pre-hook captured for this call."""
         hidden = self._hidden
         if hidden is None or hidden.shape[:2] != (query.shape[0], query.shape[2]):
             raise PatchStateError(f"the {self.kind} MoH router did not see this layer's hidden states (the forward "
                                   "pre-hook on the attention module); was the module called directly?")
+        return hidden
+
+    def features(self, query: torch.Tensor) -> torch.Tensor:
+        """A predict router's input [B, T, hidden + H] (float32): the hidden state and the log query norms."""
+        hidden = self._captured_hidden(query)
         lognorm = query.float().norm(dim=-1).clamp_min(1e-6).log().transpose(1, 2)
         return torch.cat([hidden.float(), lognorm], dim=-1)
 
@@ -219,11 +224,7 @@ class MoHRouter(nn.Module):
             norms = query.float().norm(dim=-1).transpose(1, 2) / self.norm_scale  # [B, T, H]
             std = norms.std(dim=-1, keepdim=True, correction=0) if self.num_heads > 1 else torch.ones_like(norms[..., :1])
             return norms[..., self.routed_index] / (std + 1e-6)
-        hidden = self._hidden
-        if hidden is None or hidden.shape[:2] != (query.shape[0], query.shape[2]):
-            raise PatchStateError("the learned MoH router did not see this layer's hidden states (the forward "
-                                  "pre-hook on the attention module); was the module called directly?")
-        return self.route(hidden.to(self.route.weight.dtype)).float()
+        return self.route(self._captured_hidden(query).to(self.route.weight.dtype)).float()
 
     def forward(self, query: torch.Tensor):
         """(gates [B, T, H] float32 (0 for unselected heads), head mask bool [B, T, H], routing

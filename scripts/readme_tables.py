@@ -188,8 +188,7 @@ def train_step_tables(rows) -> str:
 
 def moh_tables(rows) -> str:
     """Head-routed (MoH) attention against our dense kernel (scripts/bench_moh.py)."""
-    def selection(extra):  # the ratio, plus ",shared=0" for rows that route every active head
-        return ",".join(p for p in extra.split(",") if not p.startswith("active="))
+    from attn_patch.evals.bench_moh import selection  # the ratio, plus ",shared=0" when no head is shared
 
     latest = _latest([r for r in rows if r.get("bench") == "moh"], extra=selection)
     out = []
