@@ -11,23 +11,19 @@
     attn_patch.apply(model, "moh", active=0.75)       # each token uses 75% of the heads; only those run
     loss = lm_loss + attn_patch.aux_loss(model)       # MoH load-balance loss while training
 """
-from ._source_tree import mount_kernels as _mount_kernels
-
-_mount_kernels()
-
-from . import flash as _flash  # noqa: E402,F401  (registers the "flash" method)
-from . import longlora as _longlora  # noqa: E402,F401  (registers the "longlora" method)
-from . import moh as _moh  # noqa: E402,F401  (registers the "moh" method)
-from . import seer as _seer  # noqa: E402,F401  (registers the "seer" method)
-from .config import MethodConfig  # noqa: E402
-from .errors import AttnPatchError, ConfigError, PatchStateError, UnsupportedModelError  # noqa: E402
-from .families import FAMILIES  # noqa: E402
-from .flash import FlashConfig  # noqa: E402
-from .longlora import LongLoRAConfig  # noqa: E402
-from .moh import MoHConfig  # noqa: E402
-from .patching import apply, patch_state, patched, remove  # noqa: E402
-from .registry import methods  # noqa: E402
-from .seer import SeerConfig  # noqa: E402
+from . import flash as _flash  # noqa: F401  (registers the "flash" method)
+from . import longlora as _longlora  # noqa: F401  (registers the "longlora" method)
+from . import moh as _moh  # noqa: F401  (registers the "moh" method)
+from . import seer as _seer  # noqa: F401  (registers the "seer" method)
+from .config import MethodConfig
+from .errors import AttnPatchError, ConfigError, PatchStateError, UnsupportedModelError
+from .families import FAMILIES
+from .flash import FlashConfig
+from .longlora import LongLoRAConfig
+from .moh import MoHConfig
+from .patching import apply, patch_state, patched, remove
+from .registry import methods
+from .seer import SeerConfig
 
 __version__ = "0.1.0"
 
