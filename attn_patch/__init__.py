@@ -38,11 +38,9 @@ def stats(model, reset: bool = False) -> dict:
     """What a patched model's method measured (``reset=True`` starts counting afresh): for "seer", the
     achieved block density per layer and head and how many calls ran sparse or dense; for "moh", how
     often each head was picked per layer."""
-    from .patching import patch_state as _state
+    from .patching import running_state
 
-    state = _state(model)
-    if state is None:
-        raise PatchStateError("model is not patched by attn_patch; call attn_patch.apply(model, ...) first")
+    state = running_state(model, "stats(model)")
     if state.method == "seer":
         from .seer.method import stats as _seer_stats
 
@@ -57,12 +55,11 @@ def stats(model, reset: bool = False) -> dict:
 def aux_loss(model, clear: bool = True):
     """The auxiliary training loss of a patched model's method, to add to the task loss: for "moh",
     the weighted load-balance loss of the last training-mode forward."""
-    from .patching import patch_state as _state
+    from .patching import running_state
 
-    state = _state(model)
-    if state is None or state.method != "moh":
-        raise PatchStateError("aux_loss(model) is the MoH load-balance loss; the model is "
-                              + ("not patched" if state is None else f"patched with {state.method!r}"))
+    state = running_state(model, "aux_loss(model) is the MoH load-balance loss")
+    if state.method != "moh":
+        raise PatchStateError(f"aux_loss(model) is the MoH load-balance loss; the model is patched with {state.method!r}")
     from .moh import aux_loss as _moh_aux
 
     return _moh_aux(model, clear=clear)

@@ -1,76 +1,64 @@
 """apply / remove / patched: swapping a model's attention through transformers' registry.
 
-Each apply() registers one attention function and one mask function under a name of its own
-(``attn_patch_<n>``) and points the model's config at it with ``set_attn_implementation``.
-The function closes over that model's method config, so two patched models in one process never
-share state. remove() points the config back and deletes both registry entries. The names avoid
-the substring "flash": transformers treats any implementation containing it as FlashAttention.
+One attention function and one mask function are registered with transformers, once, under the name
+``attn_patch``. ``apply()`` gives the model a private copy of its config (so a teacher built from the
+same config object is never touched), points that copy at ``attn_patch`` with
+``set_attn_implementation``, and puts the method's state on each attention module; the registered
+function reads it from the module it is called with. So patch state travels with the modules: into a
+``copy.deepcopy`` or pickle of the model (which is then independent), into a PEFT wrapper and out of
+``merge_and_unload()``. ``remove()`` puts the original config objects back and detaches the method's
+modules. The registered name avoids the substring "flash": transformers treats any implementation
+containing it as FlashAttention.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import itertools
-from dataclasses import dataclass
+import copy
+import logging
+from dataclasses import dataclass, field
 
 import torch
-
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
+from .backend import check_backend
 from .config import MethodConfig
 from .errors import ConfigError, PatchStateError
-from .families import family_of
+from .families import attention_modules, family_of
 from .masks import mask_function
 from .registry import get_method
 
-STATE_ATTR = "_attn_patch"
-_names = itertools.count()
+logger = logging.getLogger("attn_patch")
+
+IMPLEMENTATION = "attn_patch"  # the name registered with transformers
+STATE_ATTR = "_attn_patch"  # the PatchState on every patched attention module
 
 
-@dataclass
+@dataclass(eq=False)
 class PatchState:
+    """What one apply() did: the method and its config, and what remove() must put back."""
+
     method: str
     config: MethodConfig
-    registry_name: str
-    previous_implementation: str | None
+    # (module, its config before apply) for every module whose ``config`` was the model's config
+    original_configs: list = field(default_factory=list, repr=False)
+    # (PreTrainedModel, its instance _keys_to_ignore_on_save before apply, None where it had none)
+    save_ignores: list = field(default_factory=list, repr=False)
 
 
-def apply(model, method: str = "flash", config: MethodConfig | None = None, **options):
-    """Patch ``model``'s attention in place with ``method`` and return the model.
+def _attention(module, query, key, value, *args, **kwargs):
+    state = getattr(module, STATE_ATTR, None)
+    if state is None:
+        raise PatchStateError(
+            f"{type(module).__name__} runs attention implementation {IMPLEMENTATION!r} but carries no attn_patch "
+            "state; patch the model with attn_patch.apply(model, method) instead of setting the implementation by "
+            "name")
+    query, key, value = autocast_inputs(query, key, value)
+    return get_method(state.method).attention(state.config, module, query, key, value, *args, **kwargs)
 
-    Options are the fields of the method's config (see ``attn_patch.methods()``); pass them as
-    keywords or as a ready ``config`` object.
-    """
-    if getattr(model, STATE_ATTR, None) is not None:
-        current = getattr(model, STATE_ATTR).method
-        raise PatchStateError(f"model is already patched with {current!r}; call attn_patch.remove(model) first")
-    spec = get_method(method)
-    family_of(model)
-    if config is None:
-        config = spec.config_class.from_options(method, options)
-    elif options:
-        raise ConfigError("pass either a config object or keyword options, not both")
-    elif not isinstance(config, spec.config_class):
-        raise ConfigError(f"method {method!r} takes a {spec.config_class.__name__}, got {type(config).__name__}")
-    if spec.check_model is not None:
-        spec.check_model(model, config)
 
-    name = f"attn_patch_{next(_names)}"
-    AttentionInterface.register(name, functools.partial(_autocast_call, spec.attention, config))
-    AttentionMaskInterface.register(name, mask_function)
-    state = PatchState(method, config, name, model.config._attn_implementation)
-    try:
-        if spec.attach is not None:
-            spec.attach(model, config)
-        model.set_attn_implementation(name)
-    except BaseException:
-        _unregister(name)
-        if spec.detach is not None:
-            spec.detach(model)
-        raise
-    object.__setattr__(model, STATE_ATTR, state)
-    return model
+AttentionInterface.register(IMPLEMENTATION, _attention)
+AttentionMaskInterface.register(IMPLEMENTATION, mask_function)
 
 
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -84,22 +72,47 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors)
 
 
-def _autocast_call(attention, config, module, query, key, value, *args, **kwargs):
-    query, key, value = autocast_inputs(query, key, value)
-    return attention(config, module, query, key, value, *args, **kwargs)
+def apply(model, method: str = "flash", config: MethodConfig | None = None, **options):
+    """Patch ``model``'s attention in place with ``method`` and return the model.
+
+    Options are the fields of the method's config (see ``attn_patch.methods()``); pass them as
+    keywords or as a ready ``config`` object.
+    """
+    _refuse_patched(model)
+    spec = get_method(method)
+    family_of(model)
+    if config is None:
+        config = spec.config_class.from_options(method, options)
+    elif options:
+        raise ConfigError("pass either a config object or keyword options, not both")
+    elif not isinstance(config, spec.config_class):
+        raise ConfigError(f"method {method!r} takes a {spec.config_class.__name__}, got {type(config).__name__}")
+    check_backend(model, config.backend)
+    if spec.check_model is not None:
+        spec.check_model(model, config)
+
+    state = PatchState(method, config)
+    keys_before = set(model.state_dict().keys())
+    try:
+        if spec.attach is not None:
+            spec.attach(model, config)
+        _ignore_on_save(model, state, set(model.state_dict().keys()) - keys_before)
+        _own_config(model, state)
+        model.set_attn_implementation(IMPLEMENTATION)
+        for module in attention_modules(model):
+            object.__setattr__(module, STATE_ATTR, state)
+    except BaseException:
+        _undo(model, state)
+        raise
+    return model
 
 
 def remove(model):
-    """Undo apply(): the model's attention implementation, modules and parameters are as before."""
-    state = getattr(model, STATE_ATTR, None)
+    """Undo apply(): the model's config objects, attention modules and parameters are as before."""
+    state = _state_of(model)
     if state is None:
         raise PatchStateError("model is not patched by attn_patch (nothing to remove)")
-    spec = get_method(state.method)
-    model.set_attn_implementation(state.previous_implementation)
-    if spec.detach is not None:
-        spec.detach(model)
-    _unregister(state.registry_name)
-    object.__delattr__(model, STATE_ATTR)
+    _undo(model, state)
     return model
 
 
@@ -114,10 +127,104 @@ def patched(model, method: str = "flash", config: MethodConfig | None = None, **
 
 
 def patch_state(model) -> PatchState | None:
-    """The method and config a model is patched with, or None."""
-    return getattr(model, STATE_ATTR, None)
+    """The method and config ``model`` runs with, or None where its attention does not run attn_patch
+    (never patched, removed, or switched to another implementation with set_attn_implementation;
+    remove() still detaches what apply() attached in that last case)."""
+    state = _state_of(model)
+    if state is None:
+        return None
+    running = {getattr(m.config, "_attn_implementation", None) for m in _patched_modules(model)}
+    return state if running == {IMPLEMENTATION} else None
 
 
-def _unregister(name: str) -> None:
-    AttentionInterface._global_mapping.pop(name, None)
-    AttentionMaskInterface._global_mapping.pop(name, None)
+def running_state(model, what: str) -> PatchState:
+    """patch_state(model), or a PatchStateError saying why ``what`` cannot be had."""
+    state = patch_state(model)
+    if state is not None:
+        return state
+    stale = _state_of(model)
+    if stale is not None:
+        running = sorted({str(getattr(m.config, "_attn_implementation", None)) for m in _patched_modules(model)})
+        raise PatchStateError(
+            f"{what}: the model was patched with {stale.method!r}, but its attention implementation was switched to "
+            f"{', '.join(running)} afterwards; call attn_patch.remove(model) and apply again")
+    raise PatchStateError(f"{what}: the model is not patched by attn_patch; call attn_patch.apply(model, ...) first")
+
+
+def _patched_modules(model) -> list:
+    return [m for m in model.modules() if STATE_ATTR in m.__dict__]
+
+
+def _state_of(model) -> PatchState | None:
+    """The one PatchState on ``model``'s modules (None if none); several is an error."""
+    states = []
+    for m in _patched_modules(model):
+        state = m.__dict__[STATE_ATTR]
+        if not any(state is s for s in states):
+            states.append(state)
+    if len(states) > 1:
+        raise PatchStateError(f"model holds {len(states)} attn_patch patches on different submodules "
+                              f"({', '.join(s.method for s in states)}); remove each from the submodule it was "
+                              "applied to")
+    return states[0] if states else None
+
+
+def _refuse_patched(model) -> None:
+    for name, module in model.named_modules():
+        state = module.__dict__.get(STATE_ATTR)
+        if state is not None:
+            where = f" (at its submodule {name!r})" if name else ""
+            raise PatchStateError(f"model is already patched with {state.method!r}{where}; call "
+                                  "attn_patch.remove(model) first")
+
+
+def _own_config(model, state: PatchState) -> None:
+    """Give ``model`` private copies of its config objects, so that set_attn_implementation changes
+    nothing another model (a teacher built from the same config, say) reads."""
+    memo: dict = {}
+    copy.deepcopy(model.config, memo)
+    for module in model.modules():
+        current = module.__dict__.get("config")
+        replacement = memo.get(id(current)) if current is not None else None
+        if isinstance(replacement, PretrainedConfig):
+            state.original_configs.append((module, current))
+            object.__setattr__(module, "config", replacement)
+
+
+def _ignore_on_save(model, state: PatchState, keys: set[str]) -> None:
+    """save_pretrained writes the base model only: the method's own tensors (gates, routers) are left
+    out through each PreTrainedModel's instance ``_keys_to_ignore_on_save`` (saved by the method's
+    own save function instead)."""
+    if not keys:
+        return
+    from transformers import PreTrainedModel
+
+    for prefix, module in model.named_modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        lead = f"{prefix}." if prefix else ""
+        own = {k[len(lead):] for k in keys if k.startswith(lead)}
+        if not own:
+            continue
+        before = module.__dict__.get("_keys_to_ignore_on_save")
+        state.save_ignores.append((module, before))
+        inherited = module._keys_to_ignore_on_save or ()
+        object.__setattr__(module, "_keys_to_ignore_on_save", set(inherited) | own)
+
+
+def _undo(model, state: PatchState) -> None:
+    for module in _patched_modules(model):
+        if module.__dict__[STATE_ATTR] is state:
+            object.__delattr__(module, STATE_ATTR)
+    for module, before in reversed(state.save_ignores):
+        if before is None:
+            module.__dict__.pop("_keys_to_ignore_on_save", None)
+        else:
+            object.__setattr__(module, "_keys_to_ignore_on_save", before)
+    for module, original in reversed(state.original_configs):
+        object.__setattr__(module, "config", original)
+    state.save_ignores.clear()
+    state.original_configs.clear()
+    spec = get_method(state.method)
+    if spec.detach is not None:
+        spec.detach(model)
