@@ -42,3 +42,19 @@ def choose(backend: str, query: torch.Tensor) -> str:
         _once(f"attn_patch: {query.dtype} activations run through the PyTorch reference (exact, slower); "
               "cast the model to bfloat16 or float16 for the fused kernels")
     return "reference"
+
+
+def check_backend(model, backend: str) -> None:
+    """At apply(): what the model already tells against an explicit backend='triton' (no CUDA and no
+    interpreter, or weights in a dtype the kernels do not take)."""
+    if backend != "triton":
+        return
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ConfigError("backend='triton' needs a CUDA device and this machine has none (torch.cuda.is_available() "
+                          "is False); use backend='auto' or 'reference', or set TRITON_INTERPRET=1 to interpret the "
+                          "kernels on CPU (slow)")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    bad = sorted(str(d) for d in dtypes if d not in KERNEL_DTYPES + EXACT_DTYPES)
+    if bad:
+        raise ConfigError(f"backend='triton' takes float16, bfloat16 or float32 activations and the model's weights "
+                          f"are {', '.join(bad)}; cast the model (model.to(torch.bfloat16)) or use backend='reference'")

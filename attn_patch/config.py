@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -27,6 +29,7 @@ class MethodConfig:
     )
 
     def __post_init__(self):
+        self._normalise()
         self._check_types()
         self._check_choices()
         self.validate()
@@ -60,6 +63,20 @@ class MethodConfig:
             for f in dataclasses.fields(cls)
         ]
 
+    def _normalise(self) -> None:
+        """numpy scalars become Python numbers, and paths (os.PathLike) strings, where the option's type
+        takes them; float options must be finite."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), _allowed_types(hints[f.name])
+            if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+                value = value.item()
+            if isinstance(value, os.PathLike) and str in allowed:
+                value = os.fspath(value)
+            if isinstance(value, float) and float in allowed and not math.isfinite(value):
+                raise ConfigError(f"option {f.name!r} must be a finite number, got {value!r}")
+            object.__setattr__(self, f.name, value)
+
     def _check_types(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -83,12 +100,9 @@ class MethodConfig:
 
 
 def _allowed_types(hint) -> tuple:
-    args = typing.get_args(hint)
-    if args:
-        return tuple(type(None) if a is type(None) else a for a in args)
-    if hint is float:
-        return (float, int)
-    return (hint,)
+    args = typing.get_args(hint) or (hint,)
+    allowed = tuple(type(None) if a is type(None) else a for a in args)
+    return allowed + (int,) if float in allowed and int not in allowed else allowed
 
 
 def _type_name(hint) -> str:

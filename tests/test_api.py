@@ -97,9 +97,21 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
         pytest.skip("CPU-only check")
     model = build("llama")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="needs a CUDA device.*TRITON_INTERPRET=1"):
+        attn_patch.apply(model, "flash", backend="triton")  # the machine already tells at apply()
+    assert attn_patch.patch_state(model) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     with attn_patch.patched(model, "flash", backend="triton"):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # and the forward still checks the tensors it gets
         with pytest.raises(ConfigError, match="needs a CUDA device.*TRITON_INTERPRET=1"):
             model(torch.randint(1, 50, (1, 5)))
+
+
+def test_triton_backend_refuses_float64_weights_at_apply():
+    model = build("llama").double()
+    with pytest.raises(ConfigError, match="float64.*model.to\\(torch.bfloat16\\)"):
+        attn_patch.apply(model, "flash", backend="triton")
+    assert attn_patch.patch_state(model) is None
 
 
 def test_two_patched_models_do_not_interfere(seed):
@@ -112,7 +124,7 @@ def test_two_patched_models_do_not_interfere(seed):
         ref_b = b(ids, attention_mask=mask).logits
         attn_patch.apply(a, "flash", backend="reference")
         attn_patch.apply(b, "flash", backend="triton" if _interp() else "reference")
-        assert a.config._attn_implementation != b.config._attn_implementation
+        assert attn_patch.patch_state(a) is not attn_patch.patch_state(b)  # each model carries its own state
         attn_patch.remove(a)
         got_b = b(ids, attention_mask=mask).logits
         got_a = a(ids, attention_mask=mask).logits
@@ -161,3 +173,20 @@ def test_autocast_runs_attention_in_the_autocast_dtype(method, monkeypatch):
     assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
     assert got.dtype == want.dtype
     torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+
+
+def test_numpy_scalars_ints_and_paths_are_accepted_where_they_fit(tmp_path):
+    np = pytest.importorskip("numpy")
+    cfg = attn_patch.LongLoRAConfig(group=np.float32(0.25), sink=np.int64(2))
+    assert type(cfg.group) is float and cfg.group == 0.25 and type(cfg.sink) is int and cfg.sink == 2
+    assert attn_patch.LongLoRAConfig(group=8).group == 8  # an int where a float is meant
+    assert attn_patch.FlashConfig(decode_splits=np.int32(4)).decode_splits == 4
+    assert attn_patch.SeerConfig(gates=tmp_path).gates == str(tmp_path)  # a pathlib.Path where a path is meant
+    with pytest.raises(ConfigError, match="decode_splits.*int \\| None"):
+        attn_patch.FlashConfig(decode_splits=np.float64(4.0))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_float_options_are_refused(value):
+    with pytest.raises(ConfigError, match="'group' must be a finite number"):
+        attn_patch.apply(build("llama"), "longlora", group=value)
