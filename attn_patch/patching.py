@@ -221,6 +221,7 @@ def _undo(model, state: PatchState) -> None:
             module.__dict__.pop("_keys_to_ignore_on_save", None)
         else:
             object.__setattr__(module, "_keys_to_ignore_on_save", before)
+    _warn_dropped_edits(state.original_configs)
     for module, original in reversed(state.original_configs):
         object.__setattr__(module, "config", original)
     state.save_ignores.clear()
@@ -228,3 +229,19 @@ def _undo(model, state: PatchState) -> None:
     spec = get_method(state.method)
     if spec.detach is not None:
         spec.detach(model)
+
+
+def _warn_dropped_edits(original_configs: list) -> None:
+    """remove() gives the model its original config objects back; say which fields were changed on the
+    private copy meanwhile (set on the model while it was patched), since those edits go with it."""
+    seen = set()
+    for module, original in original_configs:
+        private = module.__dict__.get("config")
+        if private is None or id(private) in seen:
+            continue
+        seen.add(id(private))
+        before, after = original.to_dict(), private.to_dict()
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        if changed:
+            logger.warning("attn_patch.remove(): the model's config is its original object again; fields set "
+                           "while it was patched are not carried over: %s", ", ".join(changed))

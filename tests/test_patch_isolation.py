@@ -169,3 +169,20 @@ def test_implementation_name_without_apply_is_an_error(seed):
     model.set_attn_implementation("attn_patch")
     with pytest.raises(PatchStateError, match="attn_patch.apply"):
         model(_ids(seed))
+
+
+def test_remove_says_which_config_edits_stay_with_the_private_copy(caplog):
+    cfg = _config()
+    model = LlamaForCausalLM(cfg).eval()
+    attn_patch.apply(model, "flash", backend="reference")
+    model.config.use_cache = False
+    assert cfg.use_cache is True  # the edit went to the model's own copy
+    with caplog.at_level("WARNING", logger="attn_patch"):
+        attn_patch.remove(model)
+    assert model.config is cfg
+    assert [r for r in caplog.records if "not carried over: use_cache" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="attn_patch"):
+        attn_patch.apply(model, "flash", backend="reference")
+        attn_patch.remove(model)
+    assert not [r for r in caplog.records if "not carried over" in r.getMessage()]
