@@ -234,3 +234,49 @@ def test_calibration_errors_name_the_fix(seed, tmp_path):
     attn_patch.remove(other)
     with pytest.raises(ConfigError, match="other gates"):
         attn_patch.apply(model, "seer", gates=str(path), density=0.7)
+
+
+def _flat_calibration(densities, layer_densities, layers=2, units=6) -> dict:
+    """A calibration of ``densities`` whose kept mass rises evenly, with layer losses measured at
+    ``layer_densities``."""
+    kept = [[[(j + 1) / len(densities) for j in range(len(densities))]] * units] * layers
+    delta = [[0.1 / (j + 1) for j in range(len(layer_densities))]] * layers
+    return {"selection": "head", "block_size": 16, "keep_sink": True, "keep_diagonal": True,
+            "densities": list(densities), "cost": list(densities), "kept": kept,
+            "layer_loss": {"densities": list(layer_densities), "base_loss": 3.0, "delta": delta}}
+
+
+def test_a_density_outside_the_calibrated_range_is_an_error(seed, tmp_path):
+    """Below the lowest layer density measured, or above every unit at its highest level, the plan
+    cannot reach the mean asked for: apply() refuses it (it used to run the nearest plan), naming the
+    range and the ways out; allocation='uniform' runs any density."""
+    from attn_patch.seer import weights as W
+
+    model, path = _gated(seed, tmp_path)
+    W.save_calibration(_flat_calibration([0.1, 0.2, 0.5, 0.8], [0.3, 0.5]), path)
+    for density, side in ((0.2, "below the lowest"), (0.9, "above the highest")):
+        with pytest.raises(ConfigError, match=f"calibration at {path}.*density {density} is {side} mean density "
+                                              "the calibration offers \\(0.3 to 0.8.*allocation='uniform'"):
+            attn_patch.apply(model, "seer", gates=path, density=density)
+        assert attn_patch.patch_state(model) is None
+        with attn_patch.patched(model, "seer", gates=path, density=density, allocation="uniform"):
+            pass
+    for density in (0.3, 0.8):
+        with attn_patch.patched(model, "seer", gates=path, density=density):
+            budget = [d for g in gates_of(model) for d in g.budget]
+            assert sum(budget) / len(budget) <= density + 1e-9
+
+
+def test_the_shipped_calibration_refuses_densities_below_its_range():
+    """The shipped SmolLM2 calibration measured layer losses from its lowest layer density up: a mean
+    below that is an error, not that density's plan."""
+    from attn_patch.seer import weights as W
+
+    shipped = W.SHIPPED["smollm2-135m-instruct"]
+    cal = W.read_calibration(shipped, shipped)
+    low, high = cal["layer_loss"]["densities"][0], cal["cost"][-1]
+    for density in (0.01, low / 2):
+        with pytest.raises(ValueError, match=f"below the lowest .*\\({low:.4g} to {high:.4g};"):
+            plan_budget(cal, density)
+    plan = plan_budget(cal, low)
+    assert sum(map(sum, plan)) / sum(map(len, plan)) <= low + 1e-9

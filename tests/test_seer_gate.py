@@ -104,6 +104,9 @@ def test_gate_errors():
         SeerGate(4, 2, 16, gate_dim=32)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         SeerGate(5, 2, 16)
+    for width in (0, -16):  # 0 used to mean "the head dim"; a width is given or left out (None)
+        with pytest.raises(ValueError, match=f"gate_dim must be a positive number of channels, got {width}"):
+            SeerGate(4, 2, 16, gate_dim=width, q_proj=True)
 
 
 def test_ground_truth_matches_the_dense_probabilities(seed):

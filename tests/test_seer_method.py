@@ -253,7 +253,26 @@ def test_errors_name_the_fix(seed):
         attn_patch.apply(model, "seer", gates="untrained", top_p=1.5)
     with pytest.raises(ConfigError, match="block_size must be"):
         attn_patch.apply(model, "seer", gates="untrained", block_size=48)
-    windowed = build("mistral").to(DEVICE)  # sliding window 6
-    with attn_patch.patched(windowed, "seer", **SMALL):
-        with pytest.raises(UnsupportedModelError, match="sliding_window = None"):
-            windowed(torch.randint(1, 96, (1, 40), device=DEVICE))
+    windowed = build("mistral").to(DEVICE)  # sliding window 6: shorter than any call seer runs sparse
+    with pytest.raises(UnsupportedModelError, match="sliding_window = None"):
+        attn_patch.apply(windowed, "seer", **SMALL)
+    assert attn_patch.patch_state(windowed) is None
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mistral", dict(sliding_window=32)),
+    ("qwen2", dict(layer_types=["full_attention", "sliding_attention"], sliding_window=32)),
+])
+def test_a_sliding_window_is_refused_at_apply_when_every_sparse_call_would_exceed_it(family, overrides, seed):
+    """A window shorter than min_length (or a block) fails every sparse call: apply() says so. A longer
+    window refuses only the inputs longer than it, at the forward (the config cannot tell those)."""
+    model = _model(family, seed, **overrides)
+    with pytest.raises(UnsupportedModelError, match="sliding window of 32 tokens.*at least 64 keys"):
+        attn_patch.apply(model, "seer", gates="untrained", block_size=16, min_length=64)
+    with pytest.raises(UnsupportedModelError, match="sliding window of 32 tokens.*at least 64 keys"):
+        attn_patch.apply(model, "seer", gates="untrained", block_size=64, min_length=0)
+    with attn_patch.patched(model, "seer", **SMALL), torch.no_grad():
+        model(torch.randint(1, 96, (1, 32), device=DEVICE))
+        assert attn_patch.stats(model)["layers"][1]["sparse_calls"] == 1
+        with pytest.raises(UnsupportedModelError, match="window 32.*over 40 keys"):
+            model(torch.randint(1, 96, (1, 40), device=DEVICE))

@@ -114,7 +114,9 @@ class SeerGate(nn.Module):
             raise ValueError(f"k_proj_per must be 'head' or 'group', got {k_proj_per!r}")
         if selection not in ("head", "group"):
             raise ValueError(f"selection must be 'head' or 'group', got {selection!r}")
-        gate_dim = gate_dim or head_dim
+        gate_dim = head_dim if gate_dim is None else gate_dim
+        if gate_dim < 1:
+            raise ValueError(f"gate_dim must be a positive number of channels, got {gate_dim}")
         if not q_proj and gate_dim != head_dim:
             raise ValueError(f"without a query projection the gate dimension is the head dimension ({head_dim}); "
                              f"got gate_dim={gate_dim}: set q_proj=True or drop gate_dim")

@@ -16,11 +16,13 @@ block-sparse kernel as compact index lists. Per call:
   recipes/seer_distill.py). Only the gates receive gradients.
 
 Gates come from ``gates=PATH`` (written by the recipe), from the set shipped for the embedded
-SmolLM2 when ``gates`` is left out, or fresh (``gates="untrained"``) for distillation.
+SmolLM2 when ``gates`` is left out (the model recognised by its architecture and weights, however it
+was loaded), or fresh (``gates="untrained"``) for distillation.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -115,17 +117,21 @@ class SeerConfig(MethodConfig):
                               "selection; with density, raise the density instead")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p is a probability mass in (0, 1], got {self.top_p}")
-        if self.allocation == "calibrated" and (self.threshold is not None or self.top_p is not None):
-            raise ConfigError("allocation='calibrated' shares out a density; it does not combine with threshold "
-                              "or top_p")
+        if self.allocation is not None and (self.threshold is not None or self.top_p is not None):
+            raise ConfigError(f"allocation={self.allocation!r} shares out a density; it does not combine with "
+                              "threshold or top_p (they select per row by gate probability): drop allocation, or "
+                              "select by density")
         if self.calibration is not None and self.allocation != "calibrated":
             raise ConfigError("calibration= is read by allocation='calibrated' only; add it or drop calibration")
         if self.density is not None and not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold is a gate probability in [0, 1], got {self.threshold}")
-        if self.block_size is not None and (self.block_size not in (16, 32, 64, 128)):
+        if self.block_size is not None and (self.block_size not in W.BLOCK_SIZES):
             raise ConfigError(f"block_size must be 16, 32, 64 or 128, got {self.block_size}")
+        if self.gate_dim is not None and self.gate_dim < 1:
+            raise ConfigError(f"gate_dim is the gate's projection width, a positive number of channels (even, for "
+                              f"the gate's block RoPE), got {self.gate_dim}; drop it for the head dim")
         if self.min_length < 0:
             raise ConfigError(f"min_length must be >= 0, got {self.min_length}")
         if self.dense_last < 0:
@@ -174,10 +180,45 @@ def _rope_theta(config) -> float:
     return float(theta or getattr(config, "rope_theta", None) or 10000.0)
 
 
+def model_architecture(model) -> dict:
+    """What a shipped gate set's model must be, besides its weights (see ``model_fingerprint``)."""
+    config = model.config
+    info = model_info(model)
+    return {**{k: info[k] for k in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")},
+            "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None),
+            "vocab_size": getattr(config, "vocab_size", None), "rope_theta": _rope_theta(config)}
+
+
+FINGERPRINT_ROWS = 4
+
+
+def model_fingerprint(model) -> list[float] | None:
+    """A few statistics of the model's weights that survive casts (bf16/fp16/fp32) and device moves:
+    for the token embedding and the first attention layer's first weight matrix, the standard
+    deviation of (every n-th of) its rows and the norms of the first of those rows. None where the
+    weights cannot be read (meta device, quantised storage)."""
+    first = next((p for p in attention_modules(model)[0].parameters() if p.dim() == 2), None)
+    stats = []
+    for weight in (getattr(model.get_input_embeddings(), "weight", None), first):
+        if weight is None or weight.dim() != 2 or not weight.is_floating_point() or weight.is_meta:
+            return None
+        with torch.no_grad():
+            rows = weight.detach()[::max(1, weight.shape[0] // 1024)].double()
+            stats += [rows.std(), *rows[:FINGERPRINT_ROWS].norm(dim=1)]
+    return torch.stack(stats).cpu().tolist()
+
+
 def _shipped_for(model) -> str | None:
-    name = model_info(model)["name"].lower().replace("_", "-")
-    for key, path in W.SHIPPED.items():
-        if key.split("-")[0] in name and key.split("-")[1] in name and (path / W.WEIGHTS_NAME).is_file():
+    """The shipped gate set trained for this very model (by architecture and weights, wherever it was
+    loaded from), or None."""
+    arch = model_architecture(model)
+    for key, known in W.SHIPPED_MODELS.items():
+        path = W.SHIPPED[key]
+        if arch != known["architecture"] or not (path / W.WEIGHTS_NAME).is_file():
+            continue
+        got = model_fingerprint(model)
+        if got is not None and len(got) == len(known["fingerprint"]) and all(
+                math.isclose(a, b, rel_tol=W.FINGERPRINT_RTOL) for a, b in zip(got, known["fingerprint"])):
             return str(path)
     return None
 
@@ -190,7 +231,8 @@ def _resolve_gates(model, config: SeerConfig) -> tuple[str | None, dict | None, 
     if path is None:
         raise ConfigError(
             f"no SeerAttention gates for this model ({model_info(model)['name'] or model.config.model_type}): "
-            "gates ship only for the embedded SmolLM2-135M-Instruct. Train them with "
+            "gates ship only for the embedded SmolLM2-135M-Instruct (recognised by its architecture and weights, "
+            "however it was loaded). Train them with "
             "`accelerate launch recipes/seer_distill.py --model ...` and pass gates=PATH, or pass "
             "gates='untrained' to start a distillation"
         )
@@ -208,6 +250,31 @@ def check_model(model, config: SeerConfig) -> None:
     if not 16 <= d <= MAX_HEAD_DIM:
         raise UnsupportedModelError(f"head_dim {d} is not supported by the block-sparse kernel "
                                     f"(16 <= head_dim <= {MAX_HEAD_DIM})")
+
+
+def sliding_window(model) -> int | None:
+    """The sliding window some of the model's layers attend over, or None (full attention)."""
+    config = model.config
+    window = getattr(config, "sliding_window", None) if family_of(model).sliding_window else None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return window
+
+
+def _check_window(model, config: SeerConfig, block_size: int) -> None:
+    """seer attends over every causally visible key. A sliding window shorter than the shortest call
+    that runs seer's own path (a block of queries and min_length keys; a block when distilling) would
+    fail every such call at the forward: refuse it here. Inputs longer than a longer window are only
+    known at the forward (``_check_mask``)."""
+    window = sliding_window(model)
+    shortest = block_size if config.distill else max(block_size, config.min_length)
+    if window is not None and window < shortest:
+        raise UnsupportedModelError(
+            f"this model attends over a sliding window of {window} tokens (config.sliding_window); seer has no "
+            f"sliding window, and every call it selects blocks for sees at least {shortest} keys (block size "
+            f"{block_size}{'' if config.distill else f', min_length {config.min_length}'}), so each would fail: set "
+            "config.sliding_window = None (full attention) before apply, or use method 'flash'")
 
 
 class SeerRuntime:
@@ -286,6 +353,7 @@ def _new_gates(model, config: SeerConfig, meta: dict | None) -> list[SeerGate]:
 def attach(model, config: SeerConfig) -> None:
     path, meta, tensors = _resolve_gates(model, config)
     gates = _new_gates(model, config, meta)
+    _check_window(model, config, gates[0].block_size)
     if tensors is not None:
         W.load_state(gates, tensors, path)
     param = next(model.parameters(), None)
@@ -321,18 +389,19 @@ def _budget(config: SeerConfig, path: str | None, gates: list[SeerGate]) -> list
     if path is None:
         raise ConfigError("allocation='calibrated' needs trained, calibrated gates; untrained gates have no "
                           "calibration (use allocation='uniform' while distilling)")
-    cal = W.read_calibration(config.calibration or path, path)
+    where = config.calibration or path
+    cal = W.read_calibration(where, path)
     units = gates[0].num_heads if gates[0].selection == "head" else gates[0].num_kv_heads
     kept = torch.tensor(cal["kept"], dtype=torch.float64)
     want = (len(gates), units, len(cal["densities"]))
     if cal.get("selection") != gates[0].selection or tuple(kept.shape) != want:
-        raise ConfigError(f"the calibration at {config.calibration or path} was measured for selection="
+        raise ConfigError(f"the calibration at {where} was measured for selection="
                           f"{cal.get('selection')!r} with {tuple(kept.shape)[:2]} (layers, units); these gates select "
                           f"per {gates[0].selection!r} with {want[:2]}: calibrate with the selection you run")
     forced = {k: (cal.get(k), getattr(config, k)) for k in ("keep_sink", "keep_diagonal")
               if cal.get(k) != getattr(config, k)}
     if forced:
-        raise ConfigError(f"the calibration at {config.calibration or path} was measured with "
+        raise ConfigError(f"the calibration at {where} was measured with "
                           f"{', '.join(f'{k}={v[0]}' for k, v in forced.items())}, this apply asks for "
                           f"{', '.join(f'{k}={v[1]}' for k, v in forced.items())}: calibrate with the same forced "
                           "blocks, or use allocation='uniform'")
@@ -340,7 +409,17 @@ def _budget(config: SeerConfig, path: str | None, gates: list[SeerGate]) -> list
     try:
         return plan_budget(cal, target)
     except ValueError as exc:
-        raise ConfigError(f"allocation='calibrated': {exc}") from None
+        raise ConfigError(f"allocation='calibrated' with the calibration at {where}: {exc}") from None
+
+
+def calibrated_range(calibration: dict) -> tuple[float, float]:
+    """The mean densities a calibration can share out: from every unit at its lowest level (with
+    measured layer losses, every layer at the lowest layer density) to every unit at its highest,
+    in the densities these levels really select."""
+    cost = calibration["cost"]
+    probe = calibration.get("layer_loss")
+    low = cost[0] if probe is None else max(cost[0], probe["densities"][0])
+    return low, cost[-1]
 
 
 def plan_budget(calibration: dict, density: float) -> list[tuple[float, ...]]:
@@ -349,6 +428,21 @@ def plan_budget(calibration: dict, density: float) -> list[tuple[float, ...]]:
     total (each layer's loss increase measured alone, summed), then each layer's heads share its
     density by kept attention mass; without it, the heads of all layers share the whole budget by
     kept mass."""
+    low, high = calibrated_range(calibration)
+    if not low - 1e-9 <= density <= high + 1e-9:
+        below = density < low
+        if not below:
+            why = "every unit at its highest calibrated density"
+        elif "layer_loss" in calibration:
+            why = "the lowest density its layer losses were measured at"
+        else:
+            why = "what the forced sink and diagonal blocks alone select at the calibrated length"
+        raise ValueError(
+            f"density {density} is {'below the lowest' if below else 'above the highest'} mean density the "
+            f"calibration offers ({low:.4g} to {high:.4g}; {low if below else high:.4g} is {why}): ask for a density "
+            "within that range, pass allocation='uniform' (the same blocks per row for every head, any density), or "
+            f"calibrate at {'lower' if below else 'higher'} densities (attn_patch.seer.calibrate(..., densities=..., "
+            "layer_densities=...))")
     kept = torch.tensor(calibration["kept"], dtype=torch.float64)
     dens, cost = calibration["densities"], calibration["cost"]
     probe = calibration.get("layer_loss")
@@ -356,7 +450,7 @@ def plan_budget(calibration: dict, density: float) -> list[tuple[float, ...]]:
         return [tuple(float(x) for x in row) for row in allocate_budget(kept, dens, density, cost)]
     levels = list(probe["densities"]) + [1.0]
     gain = -torch.tensor([row + [0.0] for row in probe["delta"]], dtype=torch.float64)  # dense adds no loss
-    layers = allocate_budget(gain, levels, max(density, levels[0]))
+    layers = allocate_budget(gain, levels, density)
     return [tuple(float(x) for x in allocate_budget(kept[i], dens, float(d), cost)) for i, d in enumerate(layers)]
 
 
@@ -670,6 +764,9 @@ def calibrate(model, batches, densities=CALIBRATION_DENSITIES, save=None, source
     dens = [float(d) for d in densities]
     if not dens or any(not 0.0 < d <= 1.0 for d in dens) or any(b <= a for a, b in zip(dens, dens[1:])):
         raise ConfigError(f"calibration densities must increase within (0, 1], got {dens}")
+    levels = [float(d) for d in layer_densities]
+    if levels and not (0.0 < levels[0] and levels[-1] < 1.0 and all(b > a for a, b in zip(levels, levels[1:]))):
+        raise ConfigError(f"layer densities must increase within (0, 1), got {levels}")
     batches = list(batches)
     rt.calibrating = {"densities": dens}
     try:
@@ -687,8 +784,8 @@ def calibrate(model, batches, densities=CALIBRATION_DENSITIES, save=None, source
                    "densities": dens, "cost": [round(float(c), 6) for c in cost],
                    "tokens": tokens, "windows": windows, "source": source,
                    "kept": [[[round(float(x), 6) for x in unit] for unit in layer] for layer in kept]}
-    if layer_densities:
-        calibration["layer_loss"] = _layer_loss(model, batches, calibration, [float(d) for d in layer_densities])
+    if levels:
+        calibration["layer_loss"] = _layer_loss(model, batches, calibration, levels)
     if save is not None:
         W.save_calibration(calibration, save)
     return calibration
@@ -699,8 +796,6 @@ def _layer_loss(model, batches, calibration: dict, levels: list[float]) -> dict:
     gates = gates_of(model)
     rt: SeerRuntime = gates[0].runtime
     low = calibration["cost"][0]
-    if any(b <= a for a, b in zip(levels, levels[1:])) or not 0.0 < levels[0] or levels[-1] >= 1.0:
-        raise ConfigError(f"layer densities must increase within (0, 1), got {levels}")
     # densities below what the forced sink and diagonal blocks already keep at this length select
     # the same blocks as that floor: measured once, at the floor
     levels = sorted({max(d, round(low + 5e-7, 6)) for d in levels})
