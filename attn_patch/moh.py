@@ -30,17 +30,23 @@ mean, from per-layer loss probes (layers that need every head keep them all).
   loop); per token the heads with the largest predicted contribution are kept, by default all of
   them routed (no shared heads). Gates are binary with straight-through gradients, as for "norm".
 
+With every head active (``active=1``, or a layer that allocate() keeps whole), the norm and predict
+routers are not run: the layer is the dense model, in training too (same logits and gradients; the
+router gets no gradient and records no balance loss, since nothing it scores changes the output).
+A learned router still weights the heads by its gates there (the weights are its model) and learns.
+
 Training: the load-balance loss of each layer (MoH / Switch form, ``E * sum_i P_i f_i`` over the
 E routed heads: P_i the mean routing probability, f_i the fraction of the token's top-k picks
 that went to head i; 1 when balanced) is recorded in training mode; ``attn_patch.aux_loss(model)``
 returns ``balance_weight`` times their sum over layers, to add to the training loss.
-``attn_patch.stats(model)`` gives how often each head was picked per layer.
+``attn_patch.stats(model)`` gives how often each head was picked per layer. Layers that a
+gradient-checkpointed model recomputes during backward record neither again.
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +56,7 @@ from torch import nn
 from . import backend as _backend
 from .config import MethodConfig, option
 from .errors import ConfigError, PatchStateError, UnsupportedModelError
+from .files import as_path, read_json, read_tensors
 from .families import attention_modules, family_of, head_dim, head_output_maps, output_projection
 from .kernels import MAX_HEAD_DIM, head_routed_reference
 from .masks import as_attention_mask
@@ -95,7 +102,8 @@ class MoHConfig(MethodConfig):
         "head needs under GQA); 'routed': always the routed kernel", choices=("auto", "routed"))
 
     def validate(self) -> None:
-        if self.active is not None and not 0.0 < self.active <= 1.0:
+        # math.isfinite first: NaN fails every comparison, so a range check alone would let it through
+        if self.active is not None and not (math.isfinite(self.active) and 0.0 < self.active <= 1.0):
             raise ConfigError(f"active must be a fraction of the heads in (0, 1], got {self.active}")
         if self.active is not None and self.top_k is not None and self.shared is not None:
             raise ConfigError("give active, or shared and top_k, not all three")
@@ -103,17 +111,34 @@ class MoHConfig(MethodConfig):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
-        if self.balance_weight < 0:
-            raise ConfigError(f"balance_weight must be >= 0, got {self.balance_weight}")
+        if not (math.isfinite(self.balance_weight) and self.balance_weight >= 0):
+            raise ConfigError(f"balance_weight must be a finite number >= 0 (0: no load-balance loss), got "
+                              f"{self.balance_weight}")
+        if isinstance(self.routers, str) and not self.routers.strip():
+            raise ConfigError("routers='' names no directory: pass the directory written by recipes/moh_train.py, "
+                              "'untrained', or leave it out")
 
 
 def head_split(num_heads: int, active: float | None, shared: int | None, top_k: int | None,
                halve: bool = True) -> tuple[int, int]:
     """(shared, top_k) for a model with ``num_heads`` query heads; with only ``active`` given, half the
     active heads are shared (``halve``) or none."""
+    for name, value in (("shared", shared), ("top_k", top_k)):
+        if value is not None and not 0 <= value <= num_heads:
+            raise ConfigError(f"{name}={value} is out of range for a model with {num_heads} query heads (0 to "
+                              f"{num_heads})")
     if shared is None or top_k is None:
+        active = DEFAULT_ACTIVE if active is None else active
         # half up (not Python's half-to-even): 50% of 9 heads is 5, never fewer heads than asked for at .5
-        n_active = max(1, int((DEFAULT_ACTIVE if active is None else active) * num_heads + 0.5))
+        n_active = int(active * num_heads + 0.5)
+        if n_active < 1:
+            raise ConfigError(f"active={active} of {num_heads} query heads rounds to no head at all; use active >= "
+                              f"{1 / num_heads:.4g} (one head)")
+        given = {"shared": shared, "top_k": top_k}
+        for name, value in given.items():
+            if value is not None and value > n_active:
+                raise ConfigError(f"{name}={value} is more than the {n_active} heads per token of active={active} "
+                                  f"({num_heads} query heads); lower {name} or raise active")
         if shared is None and top_k is None:
             shared = n_active // 2 if halve else 0
             top_k = n_active - shared
@@ -192,6 +217,11 @@ class MoHRouter(nn.Module):
         return f"kind={self.kind}, heads={self.num_heads}, shared={self.shared}, top_k={self.top_k}"
 
     @property
+    def keeps_every_head(self) -> bool:
+        """Every token uses every head: all shared, or every routed head picked."""
+        return self.shared + self.top_k == self.num_heads
+
+    @property
     def routed_index(self) -> torch.Tensor:
         """The routed heads, in the order of the routing logits and probabilities."""
         return self.head_order[self.shared:]
@@ -233,10 +263,13 @@ class MoHRouter(nn.Module):
         b, h, t, _ = query.shape
         back = torch.argsort(self.head_order)
         mask = torch.zeros(b, t, h, dtype=torch.bool, device=query.device)
-        mask[..., :self.shared] = True
-        if self.routed == 0 or self.top_k == 0:
+        # nothing routed, or (binary gates) every head on: the router's scores change nothing, so it is not run
+        # and its straight-through term, which would still reach the queries, is left out
+        if self.routed == 0 or self.top_k == 0 or (self.keeps_every_head and self.kind != "learned"):
+            mask[..., :self.shared + self.top_k] = True
             mask = mask[..., back]
             return mask.float(), mask, None
+        mask[..., :self.shared] = True
         logits = self.scores(query)
         probs = torch.softmax(logits, dim=-1)
         picked = probs.topk(self.top_k, dim=-1).indices
@@ -281,6 +314,7 @@ class MoHRuntime:
         self.config = config
         self.dense_config = FlashConfig(backend=config.backend)
         self.losses: dict[int, torch.Tensor] = {}
+        self.ungraded: set[int] = set()  # layers whose last training-mode forward ran without gradients
         self.calibrating: dict[int, torch.Tensor] | None = None  # per layer: summed query norms, during calibrate()
         self.calibration: dict = {}  # what calibrate() measured on (saved with the routers)
         self.reset_stats()
@@ -312,25 +346,56 @@ def model_info(model) -> dict:
             "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)}
 
 
+ROUTERS_FIX = ("pass routers= a directory written by recipes/moh_train.py or attn_patch.moh.save_routers (write it "
+               "again if it is damaged), or routers='untrained'")
+
+
 def _read(path) -> tuple[dict, dict | None]:
-    path = Path(os.fspath(path)).expanduser()
+    path = as_path(path, "routers")
     config = path / CONFIG_NAME
     if not config.is_file():
-        raise ConfigError(f"no MoH router config at {config}: pass routers= a directory written by "
-                          "recipes/moh_train.py (or attn_patch.moh.save_routers), or routers='untrained'")
-    meta = json.loads(config.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") not in range(1, VERSION + 1):
+        raise ConfigError(f"no MoH router config at {config}: {ROUTERS_FIX}")
+    meta = read_json(config, "MoH router config", ROUTERS_FIX)
+    version = meta.get("version")
+    if meta.get("format") != FORMAT or type(version) is not int or version not in range(1, VERSION + 1):
         raise ConfigError(f"{config} is not an attn_patch MoH router config (format {meta.get('format')!r}, "
-                          f"version {meta.get('version')!r}; this attn_patch reads {FORMAT!r} versions 1-{VERSION})")
+                          f"version {version!r}; this attn_patch reads {FORMAT!r} versions 1-{VERSION}); {ROUTERS_FIX}")
+    _check_meta(meta, config)
     tensors = None
-    if meta["router"]["kind"] == "learned" or meta["version"] >= 2:
+    if meta["router"]["kind"] == "learned" or version >= 2:
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise ConfigError(f"{config} describes routers whose tensors are not there: {weights} is missing")
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(weights))
+        tensors = read_tensors(weights, "MoH router weights file", ROUTERS_FIX)
     return meta, tensors
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _check_meta(meta: dict, config: Path) -> None:
+    """The keys and types _resolve and attach read from a router config; anything else names the file."""
+    router, model, calibration = meta.get("router"), meta.get("model"), meta.get("calibration")
+    problem = None
+    if not isinstance(router, dict):
+        problem = f"its 'router' entry is {router!r}, not an object"
+    elif router.get("kind") not in ("norm", "learned", "predict"):
+        problem = f"its router kind {router.get('kind')!r} is not 'norm', 'learned' or 'predict'"
+    elif not isinstance(model, dict):
+        problem = f"its 'model' entry is {model!r}, not an object"
+    elif calibration is not None and not isinstance(calibration, dict):
+        problem = f"its 'calibration' entry is {calibration!r}, not an object"
+    else:
+        layers = router.get("layers")
+        splits = [[router.get("shared"), router.get("top_k")]] if layers is None else layers
+        if not (isinstance(splits, list) and all(isinstance(sp, list) and len(sp) == 2 and all(map(_is_count, sp))
+                                                 for sp in splits)):
+            problem = ("its head counts (router 'layers': [[shared, top_k], ...] per layer, or 'shared' and 'top_k') "
+                       f"are not whole numbers >= 0: layers={layers!r}, shared={router.get('shared')!r}, "
+                       f"top_k={router.get('top_k')!r}")
+    if problem:
+        raise ConfigError(f"{config} is not a valid MoH router config: {problem}; {ROUTERS_FIX}")
 
 
 def _saved_splits(meta: dict, num_layers: int) -> list[tuple[int, int]]:
@@ -357,7 +422,10 @@ def _resolve(model, config: MoHConfig) -> tuple[str, list[tuple[int, int]], dict
                               f"({'; '.join(diffs)})")
         splits = _saved_splits(meta, n_layers)
         for sh, k in splits:
-            head_split(h, None, sh, k)
+            try:
+                head_split(h, None, sh, k)
+            except ConfigError as err:
+                raise ConfigError(f"the routers at {config.routers}: {err}; {ROUTERS_FIX}") from None
         uniform = len(set(splits)) == 1
         if config.router is not None and config.router != saved["kind"]:
             raise ConfigError(f"options router={config.router!r} (routers: {saved['kind']!r}) differ from the "
@@ -469,6 +537,8 @@ def attention(config: MoHConfig, module, query, key, value, attention_mask, scal
     tk = key.shape[2]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     valid = _valid_rows(mask, tq, tk)
+    # a gradient-checkpointed layer run again during backward: its picks and loss were recorded the first time
+    recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
     if rt.calibrating is not None:  # calibrate(): every head computed, query norms recorded
         if router.kind == "predict":  # the fit's inputs; its targets come from the output projection's hook
             router._calib_x = router.features(query.detach())
@@ -482,10 +552,10 @@ def attention(config: MoHConfig, module, query, key, value, attention_mask, scal
     else:
         gates, head_mask, probs = router(query)
         router._hidden = None
-        rt.record(router.layer_index, head_mask, valid)
-    if module.training and probs is not None and config.balance_weight > 0 and torch.is_grad_enabled():
-        rt.losses[router.layer_index] = balance_loss(probs, head_mask[..., router.routed_index], router.top_k,
-                                                     valid)
+        if not recomputing:
+            rt.record(router.layer_index, head_mask, valid)
+    if module.training and probs is not None and config.balance_weight > 0 and not router.keeps_every_head:
+        _record_loss(rt, router, probs, head_mask, valid, recomputing)
 
     if _backend.choose(config.backend, query) == "reference":
         out = head_routed_reference(query, key, value, head_mask, scale=scale, **mask.kernel_args())
@@ -496,7 +566,7 @@ def attention(config: MoHConfig, module, query, key, value, attention_mask, scal
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         decode = (config.decode == "auto" and not needs_grad and (hq // key.shape[1]) * tq <= DECODE_MAX_ROWS
                   and tq < tk and mask.dense is None and mask.documents is None)
-        every_head = rt.calibrating is not None or router.shared >= hq  # e.g. a layer allocate() keeps whole
+        every_head = rt.calibrating is not None or router.keeps_every_head  # e.g. active=1, or allocate()
         if decode:
             out, _ = flash_attention(query, key, value, scale=scale, decode=True, **mask.kernel_args())
             if not every_head:
@@ -509,6 +579,21 @@ def attention(config: MoHConfig, module, query, key, value, attention_mask, scal
     if router.kind == "learned" or (torch.is_grad_enabled() and gates.requires_grad):
         out = out * gates[..., None].to(out.dtype)
     return out, None
+
+
+def _record_loss(rt: MoHRuntime, router: MoHRouter, probs, head_mask, valid, recomputing: bool) -> None:
+    """Keep the layer's load-balance loss for aux_loss(); a forward without gradients (reentrant
+    checkpointing runs it so) has none to keep. A recomputation during backward builds the loss again
+    (non-reentrant checkpointing checks that it saves the same tensors) but keeps nothing."""
+    i = router.layer_index
+    if torch.is_grad_enabled():
+        loss = balance_loss(probs, head_mask[..., router.routed_index], router.top_k, valid)
+        if not recomputing:
+            rt.losses[i] = loss
+            rt.ungraded.discard(i)
+    elif not recomputing:
+        rt.losses.pop(i, None)
+        rt.ungraded.add(i)
 
 
 def calibrate(model, batches, source: str | None = None) -> dict:
@@ -709,11 +794,21 @@ def allocate(model, batches, active: float | None = None, top_k: int | None = No
 
 def aux_loss(model, clear: bool = True) -> torch.Tensor:
     """``balance_weight`` times the sum over layers of the load-balance losses recorded by the last
-    training-mode forward (add it to the training loss before backward)."""
+    training-mode forward (add it to the training loss before backward). A float32 zero (that
+    backward() takes) when there is no balance to keep: ``balance_weight=0``, or every head active."""
     routers = routers_of(model)
     rt: MoHRuntime = routers[0].runtime
-    if all(r.top_k == 0 or r.routed == 0 for r in routers):  # nothing routed anywhere: no balance to keep
-        return torch.zeros((), device=next(model.parameters()).device)
+    if rt.config.balance_weight == 0 or all(r.keeps_every_head for r in routers):
+        return torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device, requires_grad=True)
+    if rt.ungraded:  # some layers (all, or those a partial checkpointing wraps) have no loss to give
+        raise PatchStateError(
+            f"no load-balance loss recorded for layer(s) {sorted(rt.ungraded)}: the last training-mode forward ran "
+            "them with gradients disabled, so the loss has no graph to backpropagate. Reentrant gradient "
+            "checkpointing does this (use_reentrant=True runs each layer's forward under torch.no_grad() and only "
+            "re-runs it with gradients inside backward, after aux_loss(model) is needed): enable it with "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) (or "
+            "activation_checkpointing_enable(activation_checkpointing_kwargs=...)), or set balance_weight=0; "
+            "outside checkpointing, run the forward without torch.no_grad()")
     if not rt.losses:
         raise PatchStateError("no load-balance losses recorded: aux_loss(model) needs a forward in training mode "
                               "(model.train()) with gradients enabled since the last call")
@@ -783,6 +878,10 @@ def _load_state(routers: list[MoHRouter], tensors: dict[str, torch.Tensor], wher
         if order is not None and not torch.equal(torch.sort(order).values, torch.arange(r.num_heads)):
             raise ConfigError(f"router {i} at {where}: head_order {order.tolist()} is not a permutation of the "
                               f"{r.num_heads} heads")
+        scale = tensors.get(f"layers.{i}.norm_scale")
+        if scale is not None and not bool((scale > 0).all()):  # the norm router divides the query norms by it
+            raise ConfigError(f"router {i} at {where}: norm_scale {scale.tolist()} must be > 0 (calibrate() measures "
+                              f"mean query norms); {ROUTERS_FIX}")
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key].to(param.device, param.dtype))
@@ -793,7 +892,7 @@ def _load_state(routers: list[MoHRouter], tensors: dict[str, torch.Tensor], wher
 def save_routers(model, path, training: dict | None = None) -> Path:
     """Write the model's router config (and learned weights) for ``apply(model, 'moh', routers=path)``."""
     routers = routers_of(model)
-    path = Path(os.fspath(path)).expanduser()
+    path = as_path(path, "save_routers' path")
     path.mkdir(parents=True, exist_ok=True)
     r = routers[0]
     splits = [[x.shared, x.top_k] for x in routers]

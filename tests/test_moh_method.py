@@ -61,6 +61,40 @@ def test_all_heads_active_equals_dense(backend, seed):
     torch.testing.assert_close(routed, dense, rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("router", ["norm", "predict"])
+@pytest.mark.parametrize("backend", ["reference", TRITON])
+def test_all_heads_active_trains_as_dense(router, backend, seed):
+    """With every head active the binary-gate routers are not run: the logits and every gradient equal
+    the unpatched model's (no straight-through term reaches the queries, the router gets no gradient),
+    and there is no balance to keep."""
+    from attn_patch.moh import calibrate
+
+    model = _model("llama", seed, train=True)
+    ids = torch.randint(1, 90, (2, 24), device=DEVICE)
+    dense, dense_grads = _loss_and_grads(model, ids)
+    with attn_patch.patched(model, "moh", backend=backend, router=router, active=1.0):
+        if router == "predict":
+            calibrate(model, [torch.randint(1, 90, (2, 16), device=DEVICE)])
+        logits, grads = _loss_and_grads(model, ids)
+        assert attn_patch.aux_loss(model).item() == 0.0
+    torch.testing.assert_close(logits, dense, rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
+    assert grads.keys() == dense_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], dense_grads[name], rtol=1e-4, atol=1e-6, msg=f"{name}, seed {seed}")
+
+
+def test_learned_router_weights_heads_with_every_head_active(seed):
+    """A learned router's gates are head weights (its model), not a selection: with every head active it
+    still scales the heads and learns from the LM loss; its balance loss (constant there) is a zero."""
+    model = _model("llama", seed, train=True)
+    ids = torch.randint(1, 90, (2, 24), device=DEVICE)
+    with attn_patch.patched(model, "moh", backend="reference", router="learned", routers="untrained", active=1.0):
+        _, grads = _loss_and_grads(model, ids)
+        assert attn_patch.aux_loss(model).item() == 0.0
+    for i in range(2):
+        assert grads[f"model.layers.{i}.self_attn.moh_router.route.weight"].abs().max() > 0
+
+
 def test_head_split():
     assert head_split(32, 0.75, None, None) == (12, 12)
     assert head_split(32, 0.5, None, None) == (8, 8)
