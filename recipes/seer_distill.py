@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         p.requires_grad_(False)
     gate_opts = dict(block_size=args.block_size, k_proj_per=args.k_proj_per, selection=args.selection,
                      q_proj=args.q_proj)
-    if args.gate_dim:
+    if args.gate_dim is not None:  # 0 or less reaches the gate's check instead of meaning 'unset'
         gate_opts["gate_dim"] = args.gate_dim
     attn_patch.apply(model, "seer", distill=True, gates="untrained", **gate_opts)
     gates = gates_of(model)

@@ -54,7 +54,9 @@ def main(argv=None) -> int:
     opts = {"gates": args.gates} if args.gates else {}
     if args.block_size:
         opts["block_size"] = args.block_size
-    attn_patch.apply(model, "seer", **opts)
+    # the allocation of the run being measured does not matter, and a calibration already beside the gates
+    # (perhaps damaged, or of older gates) must not stop a new one from being measured
+    attn_patch.apply(model, "seer", allocation="uniform", **opts)
     source = gates_of(model)[0].source
     t0 = time.perf_counter()
     cal = calibrate(model, windows, save=source,
