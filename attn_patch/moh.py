@@ -319,6 +319,11 @@ class MoHRuntime:
         self.calibration: dict = {}  # what calibrate() measured on (saved with the routers)
         self.reset_stats()
 
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickle) of a patched model starts with no pending losses: they hang on the
+        original's autograd graph, which cannot be copied."""
+        return {**self.__dict__, "losses": {}, "ungraded": set()}
+
     def reset_stats(self) -> None:
         self.picks: dict[int, torch.Tensor] = {}
         self.tokens: dict[int, torch.Tensor] = {}

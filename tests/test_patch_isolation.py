@@ -186,3 +186,25 @@ def test_remove_says_which_config_edits_stay_with_the_private_copy(caplog):
         attn_patch.apply(model, "flash", backend="reference")
         attn_patch.remove(model)
     assert not [r for r in caplog.records if "not carried over" in r.getMessage()]
+
+
+@pytest.mark.parametrize("method", ["moh", "seer"])
+def test_copy_during_training_leaves_pending_losses_with_the_original(method, seed):
+    """A training forward leaves losses on the autograd graph (MoH balance, seer distillation) until
+    they are collected; a copy made then (an EMA or teacher copy) starts without them."""
+    model = build("llama")
+    opts = dict(METHODS[method], **({"distill": True} if method == "seer" else {}))
+    attn_patch.apply(model, method, **opts)
+    model.train()
+    model(_ids(seed, 48)).logits.sum().backward()
+    twin = copy.deepcopy(model)
+    if method == "moh":
+        assert attn_patch.aux_loss(model).requires_grad
+        with pytest.raises(PatchStateError, match="forward in training mode"):
+            attn_patch.aux_loss(twin)
+    else:
+        from attn_patch.seer import distill_losses
+
+        assert distill_losses(model) and not distill_losses(twin)
+    attn_patch.remove(twin)
+    attn_patch.remove(model)

@@ -295,6 +295,11 @@ class SeerRuntime:
         self._rope = None
         self.reset_stats()
 
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickle) of a patched model starts with no pending distillation losses: they
+        hang on the original's autograd graph, which cannot be copied."""
+        return {**self.__dict__, "losses": []}
+
     def reset_stats(self) -> None:
         self.selected: dict[int, torch.Tensor] = {}
         self.visible: dict[int, int] = {}
