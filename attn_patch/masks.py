@@ -159,20 +159,30 @@ def as_attention_mask(attention_mask, module, query: torch.Tensor, key: torch.Te
         causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
         return AttentionMask(causal=causal, q_offset=tk - tq)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        # a prepared 4-D mask passed by the caller: boolean, or additive 0 / -inf
-        mask = attention_mask[:, :, :, :tk]
-        if mask.dtype != torch.bool:
-            allowed = mask == 0
-            blocked = mask <= torch.finfo(mask.dtype).min / 2
-            if not bool((allowed | blocked).all()):
-                raise UnsupportedModelError(
-                    "a 4-D float attention mask with bias values (not just 0 / -inf) was passed; attn_patch's "
-                    "kernels take boolean masks. Pass a 2-D padding mask or a boolean 4-D mask instead"
-                )
-            mask = allowed
-        return AttentionMask(causal=False, q_offset=tk - tq, dense=mask)
+        return AttentionMask(causal=False, q_offset=tk - tq, dense=_prepared_mask(attention_mask[:, :, :, :tk]))
     raise UnsupportedModelError(
         f"unexpected attention_mask of type {type(attention_mask).__name__} "
         f"(shape {tuple(getattr(attention_mask, 'shape', ()))}); was the model's attention implementation "
         "changed after attn_patch.apply()? Call attn_patch.remove(model) and apply again"
     )
+
+
+def _prepared_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask the caller prepared, as the kernels' bool mask (True = attend): bool masks as they
+    are, float masks read as SDPA reads them (additive: 0 = attend, -inf or a large negative value =
+    blocked). A float mask costs one check of its values per layer (a host sync): pass a bool one
+    to avoid it."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.dtype.is_floating_point:
+        raise UnsupportedModelError(
+            f"a 4-D {mask.dtype} attention mask was passed; pass a bool mask (True = attend; mask.bool() for a "
+            "1/0 mask) or SDPA's additive float mask (0 = attend, -inf = blocked)")
+    allowed = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((allowed | blocked).all()):
+        raise UnsupportedModelError(
+            "a 4-D float attention mask with bias values (not just 0 / -inf) was passed; attn_patch's kernels "
+            "take boolean masks. Pass a 2-D padding mask or a boolean 4-D mask instead (a float mask is read as "
+            "additive, as SDPA reads it: for a 1/0 keep-mask pass mask.bool())")
+    return allowed

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from . import MAX_HEAD_DIM
 from .launch import CachedLauncher, current_raw_stream
+from .reference import _whole_number, check_inputs
 
 LOG2E = 1.4426950408889634
 # kernels may only read globals declared as constexpr
@@ -702,30 +703,22 @@ class _Masks:
             self.dm, self.dm_strides = dummy, (0, 0, 0, 0)
 
 
-def _check(q, k, v, key_padding, dense_mask):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v must be 4-D [batch, heads, seq, head_dim]")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+def _check(q, k, v, key_padding, dense_mask, *, q_offset=None, window=None) -> tuple[int, int | None]:
+    """The reference's argument contract (``reference.check_inputs``), then what only the kernels
+    need: their dtypes, head dims and a CUDA device. Returns (q_offset, window) as ints."""
+    q_offset, window = check_inputs(q, k, v, q_offset=q_offset, window=window, key_padding=key_padding,
+                                    dense_mask=dense_mask)
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the fused kernel takes float16, bfloat16 or float32, got {q.dtype}; "
                         "use attention_reference (or backend='reference') for other dtypes")
     d = q.shape[-1]
-    if d > MAX_HEAD_DIM or d < 8 or k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"head_dim {d} is not supported by the fused kernel (8 <= head_dim <= {MAX_HEAD_DIM}, "
-                         "same for q, k, v)")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if d > MAX_HEAD_DIM or d < 8:
+        raise ValueError(f"head_dim {d} is not supported by the fused kernel (8 <= head_dim <= {MAX_HEAD_DIM}); "
+                         "use attention_reference (or backend='reference') for other head dims")
     if not _INTERPRETING and q.device.type != "cuda":
         raise RuntimeError(f"the fused kernel runs on CUDA devices (got {q.device}); on CPU use the reference "
                            "backend, or set TRITON_INTERPRET=1 to run the Triton interpreter")
-    if key_padding is not None and tuple(key_padding.shape) != (q.shape[0], k.shape[2]):
-        raise ValueError(f"key_padding must be [batch, kv_len] = {(q.shape[0], k.shape[2])}, "
-                         f"got {tuple(key_padding.shape)}")
-    if dense_mask is not None and dense_mask.shape[-2:] != (q.shape[2], k.shape[2]):
-        raise ValueError(f"dense_mask must end in [q_len, kv_len] = {(q.shape[2], k.shape[2])}")
+    return q_offset, window
 
 
 def _last_dim_contiguous(x):
@@ -923,13 +916,13 @@ def flash_attention(
     ``decode=None`` picks the split-K decode kernel when there are few query rows per KV head
     (``group * Tq <= 64``), nothing needs gradients and no dense mask is given.
     """
-    _check(q, k, v, key_padding, dense_mask)
+    q_offset, window = _check(q, k, v, key_padding, dense_mask, q_offset=q_offset, window=window)
+    if num_splits is not None:
+        num_splits = _whole_number(num_splits, "num_splits (KV splits of the decode kernel, or None to size them "
+                                   "from the GPU)", 1)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     tq, tk = q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q_offset = tk - tq if q_offset is None else int(q_offset)
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
     rows_per_kv_head = (q.shape[1] // k.shape[1]) * tq
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if decode is None:

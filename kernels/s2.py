@@ -39,6 +39,9 @@ from .flash import (
     _next_pow2,
 )
 from .launch import CachedLauncher
+from .reference import s2_bounds  # torch-only, shared with the reference path; re-exported here
+
+__all__ = ["s2_attention", "s2_bounds", "N_BOUNDS"]
 
 N_BOUNDS = 6
 
@@ -356,46 +359,6 @@ def _s2_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, BND,
 # --------------------------------------------------------------------------------------------
 
 
-def s2_bounds(batch: int, length: int, group: int, *, position_ids: torch.Tensor | None = None,
-              documents: torch.Tensor | None = None, key_padding: torch.Tensor | None = None,
-              device=None) -> torch.Tensor:
-    """``bounds`` [B, 6, length] int32 for groups of ``group`` tokens (shifted by group // 2).
-
-    Documents: a new one starts where ``position_ids`` [B|1, length] does not go up by one
-    (packed sequences, as transformers detects them), where the ``documents`` ids [B, length]
-    change (transformers' packed-sequence mask) and where ``key_padding`` switches between
-    padding and tokens, so left or right padding is a document of its own and groups and sinks
-    count from the first real token. Groups are counted from each document's start."""
-    if group < 1:
-        raise ValueError(f"group must be >= 1 token, got {group}")
-    if device is None:
-        given = [x for x in (position_ids, documents, key_padding) if x is not None]
-        device = given[0].device if given else "cpu"
-    t = torch.arange(length, device=device)
-    new = torch.zeros((batch, length), dtype=torch.bool, device=device)
-    new[:, 0] = True
-    if position_ids is not None:
-        pos = position_ids.to(device).expand(batch, length)
-        new[:, 1:] |= pos[:, 1:] != pos[:, :-1] + 1
-    if documents is not None:
-        docs = documents.to(device).expand(batch, length)
-        new[:, 1:] |= docs[:, 1:] != docs[:, :-1]
-    if key_padding is not None:
-        kp = key_padding.to(device).bool().expand(batch, length)
-        new[:, 1:] |= kp[:, 1:] != kp[:, :-1]
-    start = torch.where(new, t, 0).cummax(dim=1).values
-    last = torch.ones_like(new)
-    last[:, :-1] = new[:, 1:]
-    end = torch.where(last, t + 1, length).flip(1).cummin(dim=1).values.flip(1)
-    p = t - start
-    half = group // 2
-    g0 = start + (p // group) * group
-    g1 = torch.where(p < half, start, start + half + ((p - half).clamp(min=0) // group) * group)
-    hi0 = torch.minimum(g0 + group, end)
-    hi1 = torch.minimum(torch.where(p < half, start + half, g1 + group), end)
-    return torch.stack([g0, g1, hi0, hi1, start, end], dim=1).to(torch.int32).contiguous()
-
-
 def _tiles(kind: str, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if _INTERPRETING:
@@ -471,7 +434,7 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torc
     """Shifted-sparse attention. q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], ``bounds`` from
     ``s2_bounds`` over the Tk key positions; query heads >= ``shift_from`` use the shifted groups.
     Returns (out [B, Hq, Tq, D] as a view of [B, Tq, Hq, D], lse [B, Hq, Tq] natural log)."""
-    _check(q, k, v, key_padding, None)
+    q_offset, _ = _check(q, k, v, key_padding, None, q_offset=q_offset)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, tk = q.shape[0], k.shape[2]
     if bounds.dtype != torch.int32 or tuple(bounds.shape) != (b, N_BOUNDS, tk) or not bounds.is_contiguous():
@@ -482,7 +445,6 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torc
     if sink < 0:
         raise ValueError(f"sink must be >= 0 tokens, got {sink}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q_offset = tk - q.shape[2] if q_offset is None else int(q_offset)
     if q_offset < 0 or q_offset + q.shape[2] > tk:
         raise ValueError(f"S2 attention needs every query at a key position: q_offset {q_offset}, "
                          f"{q.shape[2]} queries, {tk} keys")

@@ -95,3 +95,35 @@ def _interp_or_cuda():
     import os
 
     return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_prepared_4d_masks_both_conventions_match_sdpa(backend, seed):
+    """A left-padded batch given as a prepared 4-D mask in both of SDPA's conventions (bool: True =
+    attend; float: additive, 0 = attend, -inf = blocked) gives the SDPA model's logits, and the
+    attention function receives the same bool mask from both."""
+    from attn_patch.masks import as_attention_mask
+
+    if backend == "triton" and not _interp_or_cuda():
+        pytest.skip("the kernels need CUDA or the Triton interpreter")
+    torch.manual_seed(seed)
+    model = build("llama").to(DEVICE)
+    ids, pad = left_padded_batch([7, 4], 7)
+    ids, pad = ids.to(DEVICE), pad.to(DEVICE).bool()
+    keep = torch.ones(7, 7, dtype=torch.bool, device=DEVICE).tril()[None, None] & pad[:, None, None, :]
+    keep |= torch.eye(7, dtype=torch.bool, device=DEVICE)  # padded rows see themselves (no empty row)
+    additive = torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
+    q = torch.zeros(2, 6, 7, 16, device=DEVICE)
+    for mask in (keep, additive):
+        got = as_attention_mask(mask, model.model.layers[0].self_attn, q, q[:, :2])
+        assert got.dense.dtype == torch.bool and torch.equal(got.dense, keep) and not got.causal
+    with torch.no_grad():
+        expected = model(ids, attention_mask=keep).logits
+        torch.testing.assert_close(model(ids, attention_mask=additive).logits, expected, rtol=1e-5, atol=2e-5)
+        with attn_patch.patched(model, "flash", backend=backend):
+            got_bool = model(ids, attention_mask=keep).logits
+            got_additive = model(ids, attention_mask=additive).logits
+            with pytest.raises(attn_patch.UnsupportedModelError, match="bool mask"):
+                model(ids, attention_mask=keep.long())  # 1/0 integers: neither of SDPA's conventions
+    torch.testing.assert_close(got_bool, expected, rtol=1e-5, atol=2e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(got_additive, expected, rtol=1e-5, atol=2e-5, msg=f"seed {seed}")
