@@ -10,6 +10,7 @@ In eval mode attention is dense by default (the paper: S2 at test time is worse)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from . import backend as _backend
@@ -18,7 +19,7 @@ from .errors import ConfigError, UnsupportedModelError
 from .flash import FlashConfig
 from .flash import attention as _dense
 from .flash import check_model as _check_head_dim
-from .kernels import attention_reference
+from .kernels import attention_reference, s2_mask_reference
 from .masks import as_attention_mask
 from .registry import Method, register_method
 
@@ -26,7 +27,8 @@ from .registry import Method, register_method
 @dataclass
 class LongLoRAConfig(MethodConfig):
     group: float = option(
-        0.25, "group size: a fraction of the sequence length if < 1 (LongLoRA: 1/4), else a number of tokens")
+        0.25, "group size: a fraction of the sequence length if < 1 (LongLoRA: 1/4; at least 2 tokens), else a "
+        "number of tokens (at most the sequence length)")
     shift: bool = option(True, "shift the groups of the last half of the query heads by half a group")
     sink: int = option(0, "every query also attends to the first this many tokens of its document "
                           "(SinkLoRA-style, causal: sinks see only what precedes them)")
@@ -35,17 +37,37 @@ class LongLoRAConfig(MethodConfig):
         "the shifted-sparse pattern)", choices=("dense", "s2"))
 
     def validate(self) -> None:
-        if not self.group > 0:
+        group = _number(self.group)
+        if not (math.isfinite(group) and group > 0):
             raise ConfigError(f"group must be a fraction in (0, 1) or a token count >= 2, got {self.group}")
-        if self.group >= 1 and (self.group != int(self.group) or self.group < 2):
+        if group >= 1 and (group != int(group) or group < 2):
             raise ConfigError(f"a group given in tokens must be a whole number >= 2, got {self.group}")
         if self.sink < 0:
             raise ConfigError(f"sink must be >= 0 tokens, got {self.sink}")
 
     def group_tokens(self, length: int) -> int:
-        """Tokens per group for a sequence of ``length`` tokens (at least 2, at most the length)."""
-        g = int(self.group) if self.group >= 1 else int(round(self.group * length))
-        return max(2, min(g, length))
+        """Tokens per group for a sequence of ``length`` tokens (a Python int from shapes: no sync).
+
+        A fraction is rounded to the nearest token count, and is never less than 2 tokens: a fraction
+        of a very short sequence (under 2 / group tokens) gives groups of 2, the smallest group whose
+        shifted half is not empty. A token count longer than the sequence is a ConfigError: it would
+        not give groups of that size (the shifted heads would still split the sequence in two)."""
+        group = _number(self.group)
+        if group < 1:
+            return max(2, round(group * length))
+        if group > length:
+            raise ConfigError(
+                f"longlora group={int(group)} tokens is longer than this sequence of {length} tokens; give the "
+                f"group as a fraction of the sequence (e.g. group=0.25) or as a token count <= {length}")
+        return int(group)
+
+
+def _number(value) -> float:
+    """A group option as a float (Python and numpy scalars alike)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"group must be a number (a fraction or a token count), got {value!r}") from None
 
 
 def check_model(model, config: LongLoRAConfig) -> None:
@@ -70,12 +92,11 @@ def attention(config: LongLoRAConfig, module, query, key, value, attention_mask,
     group = config.group_tokens(tk)
     shift_from = hq - hq // 2 if config.shift else hq
     if _backend.choose(config.backend, query) == "reference":
-        from .kernels.reference import s2_mask_reference
-
         dm = s2_mask_reference(hq, tk, group, shift_from=shift_from, sink=config.sink, documents=mask.documents,
-                               key_padding=mask.key_padding, batch=b).to(query.device)
-        out, _ = attention_reference(query, key, value, scale=scaling, causal=False, key_padding=mask.key_padding,
-                                     dense_mask=dm[:, :, tk - tq:])
+                               key_padding=mask.key_padding, batch=b, q_offset=mask.q_offset, queries=tq,
+                               device=query.device)
+        out, _ = attention_reference(query, key, value, scale=scaling, causal=True, q_offset=mask.q_offset,
+                                     key_padding=mask.key_padding, dense_mask=dm)
         return out.transpose(1, 2), None
     from .kernels.s2 import s2_attention, s2_bounds
 

@@ -1,4 +1,7 @@
 """apply(model, "longlora"): S2-Attn in training mode through transformers, dense in eval mode."""
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, has_triton
@@ -6,6 +9,7 @@ from tiny_models import FAMILIES, build
 
 import attn_patch
 from attn_patch.errors import ConfigError
+from attn_patch.longlora import LongLoRAConfig
 
 TRITON = pytest.param("triton", marks=pytest.mark.skipif(not has_triton(), reason="no triton"))
 
@@ -86,7 +90,92 @@ def test_eval_mode_is_dense_unless_asked(seed):
 
 def test_config_errors():
     model = build("llama")
-    for bad in (dict(group=0), dict(group=1.5), dict(group=1), dict(sink=-1), dict(inference="sparse")):
+    for bad in (dict(group=0), dict(group=1.5), dict(group=1), dict(sink=-1), dict(inference="sparse"),
+                dict(group=float("inf")), dict(group=float("-inf")), dict(group=float("nan"))):
         with pytest.raises(ConfigError):
             attn_patch.apply(model, "longlora", **bad)
     assert attn_patch.patch_state(model) is None
+
+
+def test_group_sizes():
+    """A fraction rounds to a token count of at least 2; numpy scalars count as numbers; a token
+    count is taken as it is, up to the sequence length."""
+    assert LongLoRAConfig(group=0.25).group_tokens(37) == 9
+    assert LongLoRAConfig(group=0.25).group_tokens(5) == 2  # 1.25 tokens: the smallest group, 2
+    assert LongLoRAConfig(group=16).group_tokens(16) == 16
+    config = LongLoRAConfig()
+    for value, tokens in ((np.float32(0.5), 20), (np.int64(8), 8), (np.float64(8.0), 8)):
+        config.group = value
+        config.validate()
+        assert config.group_tokens(40) == tokens
+    for bad in (np.float64("inf"), np.float32("nan"), np.int64(1)):
+        config.group = bad
+        with pytest.raises(ConfigError, match="group"):
+            config.validate()
+
+
+@pytest.mark.parametrize("backend", ["reference", TRITON])
+def test_group_in_tokens_longer_than_the_sequence_is_an_error(backend):
+    """Groups of 64 tokens asked for a 37-token sequence: an error naming both and the fix, not a
+    silent group of 37 (whose shifted heads would still split the sequence)."""
+    model = _model("llama", 0)
+    ids = torch.randint(1, 90, (1, 37), device=DEVICE)
+    with attn_patch.patched(model, "longlora", backend=backend, group=64):
+        with pytest.raises(ConfigError, match=r"group=64 .* 37 tokens.*fraction.*<= 37"):
+            model(ids, use_cache=False)
+        model.eval()
+        with torch.no_grad():
+            model(ids)  # dense in eval mode: no groups, no error
+    model.train()
+    with attn_patch.patched(model, "longlora", backend=backend, group=37), torch.no_grad():
+        model(ids, use_cache=False)  # a group as long as the sequence is fine
+
+
+@pytest.mark.parametrize("backend", ["reference", TRITON])
+def test_query_rows_sit_at_q_offset(backend, seed):
+    """A call whose queries are not the last keys (a static cache: 3 queries at positions 9..11 of
+    20 key slots): the rows of the S2 pattern are those of positions 9..11, on both backends."""
+    from attn_patch.kernels import attention_reference
+    from attn_patch.kernels.reference import _s2_mask_loop
+    from attn_patch.longlora import attention
+    from attn_patch.masks import AttentionMask
+
+    q = torch.randn(1, 6, 3, 16, device=DEVICE)
+    k, v = torch.randn(1, 2, 20, 16, device=DEVICE), torch.randn(1, 2, 20, 16, device=DEVICE)
+    pad = torch.arange(20, device=DEVICE)[None] < 12  # slots after the queries are not filled yet
+    config = LongLoRAConfig(group=4, sink=1, backend=backend)
+    out, _ = attention(config, SimpleNamespace(training=True), q, k, v,
+                       AttentionMask(causal=True, q_offset=9, key_padding=pad))
+    mask = _s2_mask_loop(6, 20, 4, shift_from=3, sink=1, key_padding=pad.cpu())[:, :, 9:12].to(DEVICE)
+    want, _ = attention_reference(q, k, v, causal=False, key_padding=pad, dense_mask=mask)
+    torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval-s2"])
+def test_reference_path_under_torch_compile(mode, seed):
+    """torch.compile of a longlora-patched model on the reference path traces in reasonable time
+    (the per-token mask loop made it hang) and gives the eager result: logits and gradients in
+    training mode, logits in eval mode with inference="s2"."""
+    torch.manual_seed(seed)
+    model = build("llama", num_hidden_layers=1).to(DEVICE).train(mode == "train")
+    ids = torch.randint(1, 90, (2, 29), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    inference = "s2" if mode == "eval-s2" else "dense"
+    with attn_patch.patched(model, "longlora", backend="reference", group=8, sink=1, inference=inference):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        if mode == "train":
+            want = _loss_and_grads(model, ids, attention_mask=mask)
+            logits, grads = _loss_and_grads(compiled, ids, attention_mask=mask)
+        else:
+            with torch.no_grad():
+                want = model(ids, attention_mask=mask).logits, {}
+                logits, grads = compiled(ids, attention_mask=mask).logits, {}
+    torch._dynamo.reset()
+    if mode == "eval-s2":
+        with torch.no_grad():
+            dense = model(ids, attention_mask=mask).logits
+        assert (logits - dense).abs().max() > 1e-3  # S2 ran, not the dense eval attention
+    torch.testing.assert_close(logits, want[0], rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    _assert_grads_close({n.removeprefix("_orig_mod."): g for n, g in grads.items()}, want[1], seed)

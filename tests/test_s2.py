@@ -1,9 +1,11 @@
-"""S2-Attn (shifted-sparse attention) kernel against an explicit-mask dense reference."""
+"""S2-Attn (shifted-sparse attention) kernel against an explicit-mask dense reference (the mask
+written token by token from the definition, independent of the kernel's ``s2_bounds``)."""
 import pytest
 import torch
 from conftest import DEVICE, needs_triton, rel_err
 
-from attn_patch.kernels import attention_reference, s2_mask_reference
+from attn_patch.kernels import attention_reference
+from attn_patch.kernels.reference import _s2_mask_loop
 
 pytestmark = [needs_triton, pytest.mark.kernels]
 
@@ -24,8 +26,8 @@ def _check(b, hq, hkv, t, d, group, *, sink=0, dtype=torch.float32, position_ids
     shift_from = hq - hq // 2 if shift_from is None else shift_from
     q, k, v = _inputs(b, hq, hkv, t, d, dtype)
     bounds = s2_bounds(b, t, group, position_ids=position_ids, key_padding=key_padding, device=DEVICE)
-    mask = s2_mask_reference(hq, t, group, shift_from=shift_from, sink=sink, position_ids=position_ids,
-                             key_padding=key_padding, batch=b).to(DEVICE)
+    mask = _s2_mask_loop(hq, t, group, shift_from=shift_from, sink=sink, position_ids=position_ids,
+                         key_padding=key_padding, batch=b).to(DEVICE)
     out, lse = s2_attention(q, k, v, bounds, shift_from=shift_from, sink=sink, key_padding=key_padding)
     ref, ref_lse = attention_reference(q, k, v, causal=False, dense_mask=mask, key_padding=key_padding)
     rows = torch.ones(b, t, dtype=torch.bool, device=DEVICE) if key_padding is None else key_padding.bool()
