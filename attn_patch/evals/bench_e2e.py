@@ -6,7 +6,9 @@ decode speed, for each method on the same tokens.
   median / p20 / p80 over repetitions after a warm-up call (Triton compiles and tunes there);
   peak memory is ``torch.cuda.max_memory_allocated`` during one call.
 * decode: greedy ``generate`` of 1 and of ``1 + decode_tokens`` new tokens after the same prompt;
-  the difference is the decode time, reported as ms per token and tokens/s (eager decoding, batch 1).
+  the difference of the medians is the decode time, reported as ms per token and tokens/s (eager
+  decoding, batch 1); where the two timings overlap (p20 of the longer run not above p80 of the
+  shorter) the difference is noise: the entry is marked ``decode_noise`` and gets no decode row.
 
 Rows go to the kernel results CSV (``bench`` = "e2e") so the README tables come from one file.
 """
@@ -94,9 +96,22 @@ def bench_decode(model, ids: torch.Tensor, new_tokens: int, reps: int, pad_token
                                   do_sample=False, pad_token_id=pad_token_id)
 
     generate(2)  # warm-up: the decode kernels compile on the first cached step
-    one = statistics.median(_timed(lambda: generate(1), device, reps))
-    many = statistics.median(_timed(lambda: generate(1 + new_tokens), device, reps))
-    per_token = max(many - one, 1e-9) / new_tokens
+    one = _timed(lambda: generate(1), device, reps)
+    many = _timed(lambda: generate(1 + new_tokens), device, reps)
+    return decode_speed(one, many, new_tokens)
+
+
+def decode_speed(one: list[float], many: list[float], new_tokens: int) -> dict:
+    """Decode speed from the times (s) of generate(1) and of generate(1 + new_tokens): the difference of
+    their medians per token, when the two stand apart (generate(1 + n)'s p20 above generate(1)'s p80).
+    Otherwise the difference is timing noise, and the entry says so (``decode_noise``) instead of a speed."""
+    one_median, _, one_p80 = _quantiles(one)
+    many_median, many_p20, _ = _quantiles(many)
+    if many_p20 <= one_p80:
+        return {"decode_noise": f"generate(1 + {new_tokens}) {many_median * 1e3:.3g} ms vs generate(1) "
+                                f"{one_median * 1e3:.3g} ms: no decode time to tell from the noise "
+                                "(raise --decode-tokens or --reps)"}
+    per_token = (many_median - one_median) / new_tokens
     return {"ms_per_token": per_token * 1e3, "tokens_per_s": 1.0 / per_token}
 
 
@@ -138,11 +153,14 @@ def _progress_line(e: dict) -> str:
         parts.append(f"peak {e['peak_gib']:.2f} GiB")
     if "tokens_per_s" in e:
         parts.append(f"decode {e['tokens_per_s']:.1f} tok/s")
+    if "decode_noise" in e:
+        parts.append(f"decode not measured: {e['decode_noise']}")
     return f"# {e['method']} N={e['length']}: " + ", ".join(parts)
 
 
 def to_rows(results: list[dict], model, dtype, env: dict) -> list[dict]:
-    """Rows for the results CSV: one 'prefill' and one 'decode' row per measured entry."""
+    """Rows for the results CSV: one 'prefill' row per measured entry, and one 'decode' row where the
+    decode time stood out of the noise."""
     cfg = model.config
     hq = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
     hkv = getattr(cfg, "num_key_value_heads", None) or hq
@@ -177,12 +195,18 @@ def format_table(results: list[dict]) -> tuple[list[str], list[list]]:
         base = first.setdefault(e["length"], e["median_ms"])
         body.append([e["length"], e["method"], f"{e['median_ms']:.1f}", f"{base / e['median_ms']:.2f}x",
                      f"{e['peak_gib']:.2f}" if "peak_gib" in e else "-",
-                     f"{e['tokens_per_s']:.1f}" if "tokens_per_s" in e else "-"])
+                     _decode_cell(e)])
     return header, body
 
 
+def _decode_cell(e: dict) -> str:
+    if "tokens_per_s" in e:
+        return f"{e['tokens_per_s']:.1f}"
+    return "noise" if "decode_noise" in e else "-"
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), metavar="N",
                         help="prompt lengths in tokens")
     parser.add_argument("--decode-tokens", type=int, default=32,
                         help="tokens generated to time decoding (0 skips the decode measurement)")
@@ -208,6 +232,8 @@ def run(args) -> int:
                             reps=args.reps, texts=texts, allow_beyond_context=args.allow_beyond_context)
     header, body = format_table(results)
     print_table([dict(zip(header, map(str, row))) for row in body], header)
+    if any("decode_noise" in e for e in results):
+        print("# decode 'noise': generating more tokens did not take clearly longer; no decode row is written")
     rows = to_rows(results, model, dtype, env)
     if not args.no_save and rows:
         print(f"# appended {len(rows)} rows to {append_rows(rows, args.results)}")
