@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .evals.common import HelpFormatter, run_args
+
 # An original paragraph, repeated to the requested length when no text file is given.
 BUILTIN_TEXT = (
     "The lighthouse keeper wrote the weather into a ledger every morning: the direction of the wind, "
@@ -61,10 +63,10 @@ def _timed(fn, device: str):
 
 def cmd_run(args) -> int:
     import attn_patch
-    from attn_patch.models import load_default_model
+    from attn_patch.models import check_device, load_default_model
 
     dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ({args.dtype}, {device}) ...", flush=True)
     if args.model and not args.model.endswith(".gguf"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,12 +116,13 @@ def cmd_methods(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attn-patch", description="Fused and sparse attention for transformers.")
+    parser = argparse.ArgumentParser(prog="attn-patch", description="Fused and sparse attention for transformers.",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="patch a model, compare it with the original and time both",
                          description="Load a model (default: the embedded SmolLM2-135M-Instruct), run a prompt "
                                      "and greedy generation with and without the patch, and report agreement "
-                                     "and timings.")
+                                     "and timings.", formatter_class=HelpFormatter)
     run.add_argument("--model", help="a Hugging Face model folder or a .gguf file (default: embedded SmolLM2)")
     run.add_argument("--method", default="flash", help="attention method (see `attn-patch methods`)")
     run.add_argument("--option", action="append", metavar="NAME=VALUE",
@@ -130,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--text-file", help="prompt text (default: a built-in paragraph, repeated)")
     run.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens")
     run.add_argument("--new-tokens", type=int, default=24, help="tokens to generate")
-    run.set_defaults(func=cmd_run)
-    methods = sub.add_parser("methods", help="list methods and their options")
+    run.set_defaults(func=lambda args: run_args(cmd_run, args, "attn-patch run"))
+    methods = sub.add_parser("methods", help="list methods and their options",
+                             description="List the attention methods and their options (name, type, default, "
+                                         "choices), as `attn_patch.methods()` returns them.",
+                             formatter_class=HelpFormatter)
     methods.set_defaults(func=cmd_methods)
     _add_group(sub, "eval", "evaluate methods side by side on the same inputs", EVALS)
     _add_group(sub, "bench", "benchmark kernels or whole models against pinned baselines", BENCHES)
@@ -156,9 +162,7 @@ BENCHES = {
 def _add_group(sub, name: str, help_text: str, table: dict) -> None:
     import importlib
 
-    from .evals.common import HelpFormatter
-
-    group = sub.add_parser(name, help=help_text, description=help_text)
+    group = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
     inner = group.add_subparsers(dest="task", required=True, metavar="{" + ",".join(table) + "}")
     for task, (module_name, task_help) in table.items():
         module = importlib.import_module(f"attn_patch.evals.{module_name}")
@@ -169,8 +173,6 @@ def _add_group(sub, name: str, help_text: str, table: dict) -> None:
 
 
 def _runner(module):
-    from .evals.common import run_args
-
     return lambda args: run_args(module.run, args, "attn-patch")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 from attn_patch.benchmarking import RESULTS_DIR, append_rows, environment, print_table  # noqa: E402
+from attn_patch.evals.common import HelpFormatter  # noqa: E402
 
 PROVIDERS = {
     "longlora": ["--attention", "longlora"],
@@ -59,17 +60,19 @@ def run_provider(name: str, args, workdir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--data", nargs="+", required=True)
-    ap.add_argument("--seq-len", type=int, default=32768)
-    ap.add_argument("--rope-scaling", default="linear:4")
-    ap.add_argument("--group", default="0.25", help="S2 group (fraction or tokens)")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--skip", type=int, default=3, help="steps left out of the median")
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
-    ap.add_argument("--results", default=str(RESULTS_DIR / "kernels.csv"))
-    ap.add_argument("--no-save", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", nargs="+", required=True, metavar="SOURCE",
+                    help="training text: files, directories, globs or hf:NAME")
+    ap.add_argument("--seq-len", type=int, default=32768, help="tokens per training sequence")
+    ap.add_argument("--rope-scaling", default="linear:4", help="RoPE scaling for the longer context")
+    ap.add_argument("--group", default="0.25", help="S2 group (fraction of the length or tokens)")
+    ap.add_argument("--steps", type=int, default=12, help="training steps per provider")
+    ap.add_argument("--skip", type=int, default=3, help="first steps left out of the median")
+    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS), metavar="NAME",
+                    help=f"attentions to time, one or more of {', '.join(PROVIDERS)} (default: all)")
+    ap.add_argument("--results", default=str(RESULTS_DIR / "kernels.csv"), help="results CSV to append to")
+    ap.add_argument("--no-save", action="store_true", help="print only, do not append to the results file")
     args = ap.parse_args(argv)
     if args.steps <= args.skip:
         ap.error("--steps must exceed --skip")

@@ -31,15 +31,19 @@ def per_call_us(fn, n=2000):
 
 
 def main(argv=None):
+    from attn_patch.evals.common import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--kv-len", type=int, default=4096, help="KV-cache length of the decode call")
+    ap.add_argument("--heads", type=int, nargs=2, default=[9, 3], metavar=("Q", "KV"),
+                    help="query heads and key/value heads")
+    ap.add_argument("--head-dim", type=int, default=64, help="head dimension")
+    args = ap.parse_args(argv)
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from attn_patch.kernels import flash
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--kv-len", type=int, default=4096)
-    ap.add_argument("--heads", type=int, nargs=2, default=[9, 3], metavar=("Q", "KV"))
-    ap.add_argument("--head-dim", type=int, default=64)
-    args = ap.parse_args(argv)
     hq, hkv = args.heads
     q = torch.randn(1, 1, hq, args.head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     k = torch.randn(1, args.kv_len, hkv, args.head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)

@@ -4,8 +4,7 @@
 Takes, for each GPU, the newest row of every (provider, mode, shape, lengths) and writes Markdown
 tables between the ``<!-- results:NAME:start/end -->`` markers of README.md (kernels, e2e: whole-model
 prefill and decode, sparse: block-sparse, train-step: the LongLoRA recipe's step, moh: head-routed
-attention), or prints them
-with --print.
+attention), or prints them with --print.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 from attn_patch.benchmarking import read_rows  # noqa: E402
+from attn_patch.evals.common import HelpFormatter  # noqa: E402
 
 BASELINES = ["sdpa-flash", "sdpa-cudnn", "flex"]
 MARKERS = {"kernels": ("<!-- results:kernels:start -->", "<!-- results:kernels:end -->"),
@@ -234,9 +234,9 @@ def _extra_text(row, name):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--results", default=str(ROOT / "results" / "kernels.csv"))
-    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--results", default=str(ROOT / "results" / "kernels.csv"), help="results CSV to read")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose tables are rewritten")
     ap.add_argument("--print", action="store_true", help="print the tables instead of editing the README")
     args = ap.parse_args(argv)
     rows = read_rows(args.results)

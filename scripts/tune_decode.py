@@ -19,11 +19,14 @@ SHAPES = [(1, 32, 8, 128, 4096), (1, 32, 8, 128, 32768), (16, 32, 8, 128, 32768)
 
 
 def main(argv=None):
+    from attn_patch.evals.common import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--top", type=int, default=4, help="settings printed per shape and overall, best first")
+    args = ap.parse_args(argv)
+
     from attn_patch.kernels import flash
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--top", type=int, default=4)
-    args = ap.parse_args(argv)
     grid = list(itertools.product([64, 128], [2, 3, 4], [2, 4, 8], [256, 512]))
     totals = {g: 0.0 for g in grid}
     for b, hq, hkv, d, tk in SHAPES:

@@ -287,6 +287,19 @@ def test_passkey_run_writes_files(stub_setup, tmp_path):
     assert (tmp_path / "passkey.md").read_text().startswith("## Passkey retrieval")
 
 
+def test_passkey_progress_in_a_log_is_one_line_per_prompt(stub_setup, capsys):
+    """`attn-patch eval passkey ... > log 2>&1`: stderr is no terminal, so progress is one plain line
+    per prompt (6 here), each once, naming the prompt it reports; the table is printed once."""
+    assert passkey.main(["--lengths", "256", "--trials", "3", "--method", "sdpa", "--method", "original"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert "\r" not in captured.err and len(lines) == 6 and len(set(lines)) == 6
+    for step, line in enumerate(lines, 1):
+        label = "sdpa" if step <= 3 else "original"
+        assert line.startswith(f"passkey {step}/6 ") and line.endswith(f": {label} 256 tok: ok"), line
+    assert captured.out.count("passkey retrieval: accuracy") == 1
+
+
 def test_cli_config_errors(stub_setup, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -128,17 +128,21 @@ def correctness(shape_name, batch, n, dtype):
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768],
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768], metavar="N",
                     help="sequence lengths for prefill (q_len = kv_len)")
-    ap.add_argument("--decode-lengths", type=int, nargs="+", default=[4096, 16384, 32768],
+    ap.add_argument("--decode-lengths", type=int, nargs="+", default=[4096, 16384, 32768], metavar="N",
                     help="KV-cache lengths for the decode benchmark (q_len = 1)")
-    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16], metavar="B",
+                    help="batch sizes for the decode benchmark")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
-                    help="llama = 32 q / 8 kv heads, d=128; smollm2 = 9 q / 3 kv heads, d=64")
-    ap.add_argument("--modes", nargs="+", default=["fwd", "bwd", "decode"], choices=["fwd", "bwd", "decode"])
-    ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+                    help="head shapes: llama = 32 q / 8 kv heads, d=128; smollm2 = 9 q / 3 kv heads, d=64")
+    ap.add_argument("--modes", nargs="+", default=["fwd", "bwd", "decode"], choices=["fwd", "bwd", "decode"],
+                    help="fwd: prefill forward; bwd: prefill backward; decode: one query row on a KV cache, "
+                         "eager and CUDA-graphed")
+    ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS, metavar="NAME",
+                    help=f"what to time, one or more of {', '.join(PROVIDERS)} (default: all)")
+    ap.add_argument("--batch", type=int, default=1, help="batch size for prefill")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="tensor dtype")
     ap.add_argument("--non-causal", action="store_true", help="benchmark non-causal prefill instead")
     ap.add_argument("--out", default=str(RESULTS_DIR / "kernels.csv"), help="results CSV to append to")
     ap.add_argument("--no-save", action="store_true", help="print only, do not append to the results file")

@@ -121,17 +121,22 @@ def summary(rows) -> str:
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], help="active query-head ratios")
-    ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("Q", "KV"))
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768], metavar="N",
+                    help="sequence lengths (batch 1)")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], metavar="R",
+                    help="active query-head ratios")
+    ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("Q", "KV"),
+                    help="query heads and key/value heads")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS, metavar="NAME",
+                    help=f"what to time, one or more of {', '.join(PROVIDERS)} (default: all)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="tensor dtype")
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"],
+                    help="fwd: forward; fwdbwd: one forward and one backward")
     ap.add_argument("--shared", nargs="+", default=["half"], choices=["half", "none"],
                     help="half of the active heads shared (the norm router) and/or none (the predict router)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "kernels.csv"), help="results CSV to append to")
-    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--no-save", action="store_true", help="print only, do not append to the results file")
 
 
 def run(args) -> int:

@@ -226,17 +226,21 @@ def sweep_tiles(n, density, block_size, heads, d, dtype, specs: list[str], seed=
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.5])
-    ap.add_argument("--block-sizes", type=int, nargs="+", default=[64])
-    ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("Q", "KV"))
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768], metavar="N",
+                    help="sequence lengths (batch 1)")
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.5], metavar="D",
+                    help="requested block densities over the causal triangle")
+    ap.add_argument("--block-sizes", type=int, nargs="+", default=[64], metavar="B", help="block sizes in tokens")
+    ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("Q", "KV"),
+                    help="query heads and key/value heads")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS, metavar="NAME",
+                    help=f"what to time, one or more of {', '.join(PROVIDERS)} (default: all)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="tensor dtype")
     ap.add_argument("--modes", nargs="+", default=["fwd"], choices=["fwd", "bwd"],
                     help="fwd: forward passes; bwd: the backward pass alone (gate / ground truth are forward-only)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "kernels.csv"), help="results CSV to append to")
-    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--no-save", action="store_true", help="print only, do not append to the results file")
     ap.add_argument("--tiles", nargs="+", default=None, metavar="KIND:MxNxWxS[:rows]",
                     help="instead of the benchmark: time the kernels under these launch settings (fwd, dq or dkdv; "
                          "BLOCK_M x BLOCK_N x warps x stages; ':rows' launches tiles-first), print only")

@@ -5,14 +5,18 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
+import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
-from ..models import load_default_model, parse_rope_scaling, with_rope_scaling
+from ..models import (check_device, is_terminal, load_default_model, parse_rope_scaling, quiet_loading_bars,
+                      with_rope_scaling)
 
 # the unpatched model (whatever attention it was loaded with: SDPA by default); "sdpa-<backend>"
 # pins one SDPA backend, as the benchmarks' baselines do
@@ -52,6 +56,8 @@ def take_stats(model) -> dict | None:
     layer), then reset; None when there is nothing to report."""
     import attn_patch
 
+    if not isinstance(model, torch.nn.Module):  # a stand-in with only generate() (the evals need no more)
+        return None
     state = attn_patch.patch_state(model)
     if state is not None and state.method == "moh":
         st = attn_patch.stats(model, reset=True)
@@ -119,7 +125,7 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | None = N
     """(model, tokenizer) from a Hugging Face folder / hub name, a .gguf file, or (None) the embedded
     SmolLM2. ``rope_scaling`` is "linear:4", "yarn:4", "theta:1e6:4"... or a dict, for contexts beyond the
     model's trained length."""
-    device = device or default_device()
+    device = str(check_device(device or default_device()))
     dtype = resolve_dtype(dtype)
     scaling = parse_rope_scaling(rope_scaling)
     if model is None or str(model).endswith(".gguf"):
@@ -132,7 +138,8 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | None = N
     tokenizer = AutoTokenizer.from_pretrained(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    loaded = AutoModelForCausalLM.from_pretrained(model, config=config, dtype=dtype, attn_implementation="sdpa")
+    with quiet_loading_bars():
+        loaded = AutoModelForCausalLM.from_pretrained(model, config=config, dtype=dtype, attn_implementation="sdpa")
     return loaded.to(device).eval(), tokenizer
 
 
@@ -173,20 +180,66 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def progress(iterable=None, **kwargs):
-    """tqdm when installed (to stderr), else the plain iterable."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
+def progress(iterable=None, *, total=None, desc: str = "", disable: bool = False, file=None, initial: int = 0,
+             **tqdm_options):
+    """Progress of a loop, to ``file`` (default stderr): a tqdm bar on a terminal (or in a notebook);
+    elsewhere (a log file, a pipe, tqdm not installed) a plain line at most 20 times over the run,
+    never redrawn. Used as ``bar.set_postfix_str(note); bar.update(n)``, then ``bar.close()``."""
+    file = file if file is not None else sys.stderr
+    if disable:
         return iterable if iterable is not None else _NoBar()
-    return tqdm(iterable, **kwargs)
+    if iterable is not None and total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    if is_terminal(file):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            pass
+        else:
+            return tqdm(iterable, total=total, desc=desc, file=file, initial=initial, **tqdm_options)
+    bar = LineProgress(total, desc, file, initial=initial)
+    return bar.wrap(iterable) if iterable is not None else bar
+
+
+class LineProgress:
+    """Progress as plain lines (``passkey 3/20 (15%) 0:42: flash 1024 tok: ok``), one each twentieth
+    of the total (every step when the total is unknown) and one at the last step; each line is
+    written once, so a log holds no redraws."""
+
+    def __init__(self, total: int | None, desc: str, file, *, initial: int = 0):
+        self.total, self.desc, self.file = total, desc, file
+        self.every = max(1, (total or 0) // 20)
+        self.n, self.note = initial, ""
+        self.start = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        before, self.n = self.n, self.n + n
+        if self.n // self.every > before // self.every or self.n == self.total:
+            self.file.write(self.line() + "\n")
+            self.file.flush()
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.note = text  # shown with the next line written
+
+    def line(self) -> str:
+        minutes, seconds = divmod(int(time.perf_counter() - self.start), 60)
+        count = f"{self.n}/{self.total} ({100 * self.n // self.total}%)" if self.total else str(self.n)
+        return f"{self.desc} {count} {minutes}:{seconds:02d}" + (f": {self.note}" if self.note else "")
+
+    def wrap(self, iterable):
+        for item in iterable:
+            yield item
+            self.update(1)
+
+    def close(self) -> None:
+        pass
 
 
 class _NoBar:
     def update(self, n=1):
         pass
 
-    def set_postfix_str(self, text):
+    def set_postfix_str(self, text="", refresh=True):
         pass
 
     def close(self):
@@ -200,8 +253,8 @@ def add_common_arguments(parser, *, default_methods: tuple[str, ...] = ("sdpa", 
     parser.add_argument("--method", action="append", metavar="SPEC",
                         help="configuration to evaluate, repeatable: 'sdpa' (the original model; "
                              "'sdpa-flash' / 'sdpa-cudnn' pin its SDPA backend), 'flash', or "
-                             "'NAME:opt=value,opt=value' (options from `attn-patch methods`); "
-                             f"default: {' '.join(default_methods)}")
+                             "'NAME:opt=value,opt=value' (options from `attn-patch methods`) "
+                             f"(default: {', '.join(default_methods)})")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -223,8 +276,39 @@ def setup_from_args(args):
     return model, tokenizer, methods, device, dtype
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Module docstrings kept as written, and every option's default shown."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as plain text: module docstrings kept as laid out but without their reST markup, and each
+    option's default shown once: appended unless the help already speaks of it, left out where it is
+    None or False (nothing to tell)."""
+
+    def _fill_text(self, text, width, indent):
+        text = plain_text(text)
+        if "\n" not in text.strip():  # a one-line description: wrapped to the width
+            return argparse.HelpFormatter._fill_text(self, text, width, indent)
+        return super()._fill_text(text, width, indent)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)  # keeps --rope-scaling whole
+
+    def _get_help_string(self, action):
+        text = plain_text(action.help or "")
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or _DEFAULT_RE.search(text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+_DEFAULT_RE = re.compile(r"\bdefault\b", re.IGNORECASE)
+_REST_ROLE_RE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc):`~?([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without reST markup: roles such as :func:`name` and inline literals in double
+    backquotes become the plain words, a paragraph's closing "::" (a literal block follows) one colon."""
+    text = _REST_ROLE_RE.sub(r"\1", text)
+    text = text.replace("``", "")
+    return re.sub(r"::$", ":", text, flags=re.MULTILINE)
 
 
 def run_args(run, args, prog: str) -> int:

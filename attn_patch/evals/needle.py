@@ -305,8 +305,9 @@ def evaluate_needle(model, tokenizer, methods, lengths, depths=DEFAULT_DEPTHS, t
                                 "word": word, "offset": p["offset"], "needle_start": p["needle_start"],
                                 "needle_end": p["needle_end"], "actual_depth": round(p["depth"], 4),
                                 "generated": text, "predicted": pred, "correct": bool(correct)})
+                bar.set_postfix_str(f"{spec.label} {lengths[li]} tok, {depths[di]:g}%: {'ok' if correct else 'miss'}",
+                                    refresh=False)
                 bar.update(1)
-                bar.set_postfix_str(f"{spec.label} {lengths[li]} tok, {depths[di]:g}%: {'ok' if correct else 'miss'}")
             attention = common.take_stats(model)
         seconds = time.perf_counter() - start
         grid = [[hits[di][li] / trials for li in range(len(lengths))] for di in range(len(depths))]
@@ -412,14 +413,14 @@ def plot_heatmap(result: dict, path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), metavar="N",
-                        help="prompt lengths in tokens (default: %(default)s)")
+                        help="prompt lengths in tokens")
     parser.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS), metavar="PCT",
-                        help="needle depths in percent of the context (default: %(default)s)")
-    parser.add_argument("--trials", type=int, default=3, help="prompts per (length, depth) cell (default: 3)")
+                        help="needle depths in percent of the context")
+    parser.add_argument("--trials", type=int, default=3, help="prompts per (length, depth) cell")
     parser.add_argument("--haystack", nargs="+", metavar="SOURCE",
                         help="haystack text: files, directories of .txt/.md files, glob patterns or "
                              "hf:NAME[:CONFIG][@SPLIT] (default: a built-in digit-free filler)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate")
     parser.add_argument("--no-chat", action="store_true",
                         help="plain-text prompt even when the tokenizer has a chat template")
     common.add_common_arguments(parser)

@@ -122,8 +122,8 @@ def evaluate_passkey(model, tokenizer, methods, lengths, trials: int = 10, *, se
                                 "actual_depth": round(p["depth"], 4), "key_start": p["key_start"],
                                 "key_end": p["key_end"], "generated": text, "predicted": pred,
                                 "correct": bool(correct)})
+                bar.set_postfix_str(f"{spec.label} {lengths[li]} tok: {'ok' if correct else 'miss'}", refresh=False)
                 bar.update(1)
-                bar.set_postfix_str(f"{spec.label} {lengths[li]} tok: {'ok' if correct else 'miss'}")
             attention = common.take_stats(model)
         texts = [r["generated"] for r in records]
         if reference_texts is None:
@@ -176,9 +176,9 @@ def format_markdown(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), metavar="N",
-                        help="prompt lengths in tokens (default: %(default)s)")
-    parser.add_argument("--trials", type=int, default=10, help="prompts per length (default: 10)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: 16)")
+                        help="prompt lengths in tokens")
+    parser.add_argument("--trials", type=int, default=10, help="prompts per length")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the tokenizer's chat template (default: LongLoRA's plain text)")
     common.add_common_arguments(parser)

@@ -244,7 +244,7 @@ def evaluate_perplexity(model, tokenizer, documents: list[Document], lengths, me
             per_length = results.setdefault(spec.label, {})
             with spec.context(model):
                 for n, windows in plan.items():
-                    bar.set_postfix_str(f"{spec.label} L={n}")
+                    bar.set_postfix_str(f"{spec.label} L={n}", refresh=False)
                     nll, tokens = 0.0, 0
                     start_time = time.perf_counter()
                     for i in range(0, len(windows), batch_size):
@@ -351,17 +351,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", required=True, metavar="SOURCE",
                         help="text to evaluate on: files, directories (their .txt/.md files), glob patterns, or "
                              "hf:NAME[:CONFIG][@SPLIT] for a datasets dataset")
-    parser.add_argument("--text-field", default="text", help="column holding the text of a dataset (default: text)")
+    parser.add_argument("--text-field", default="text", help="column holding the text of a dataset")
     parser.add_argument("--lengths", nargs="+", type=int, default=list(DEFAULT_LENGTHS), metavar="L",
-                        help="context lengths in tokens (default: 2048 4096 8192)")
+                        help="context lengths in tokens")
     parser.add_argument("--stride", type=int, metavar="S",
-                        help="sliding windows: each L-token window scores only its last S tokens (the first window "
-                             "of a document all of them); default, and for lengths L <= S: non-overlapping windows")
+                        help="sliding windows: each L-token window scores only its last S tokens (a document's first "
+                             "window all of them); lengths L <= S get non-overlapping windows (default: "
+                             "non-overlapping windows at every length)")
     parser.add_argument("--concat", action="store_true",
                         help="join all documents (EOS between) into one stream before cutting windows")
     parser.add_argument("--max-windows", type=int, metavar="N",
                         help="at most N windows per length, evenly spread over the text (default: all)")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--allow-beyond-context", action="store_true",
                         help="allow lengths beyond the model's max_position_embeddings without --rope-scaling")
     add_common_arguments(parser)
