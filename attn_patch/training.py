@@ -42,13 +42,14 @@ def add_loop_arguments(ap, *, lr: float, schedule: str) -> None:
     ap.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per process")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
     ap.add_argument("--schedule", default=schedule, choices=["constant", "cosine"], help="after warmup")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--no-gradient-checkpointing", action="store_true")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: no clipping)")
+    ap.add_argument("--no-gradient-checkpointing", action="store_true",
+                    help="keep every activation instead of recomputing the layers in backward (faster, more memory)")
     ap.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"],
                     help="autocast for the forward (default: bf16 on GPU, no on CPU); weights stay fp32")
     ap.add_argument("--loss-chunk", type=int, default=4096, help="positions per chunk of the output layer + loss")
@@ -56,8 +57,8 @@ def add_loop_arguments(ap, *, lr: float, schedule: str) -> None:
     ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     ap.add_argument("--stop-at", type=int, help="checkpoint and stop after this step (resume later with --resume)")
-    ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
+    ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and the window order")
 
 
 def start_run(args, mixed_precision: str | None = None):

@@ -66,12 +66,14 @@ def merge(run_dir, out_dir, *, model: str | None = None, device: str = "cpu", dt
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from attn_patch.evals.common import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("run", help="the --out directory of recipes/longlora_train.py")
     ap.add_argument("out", help="where to write the merged model")
     ap.add_argument("--model", help="the base model, if not the one recorded in the run")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], help="default: float32")
+    ap.add_argument("--device", default="cpu", help="where to load and merge (cpu needs no GPU memory)")
+    ap.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved model (default: float32)")
     args = ap.parse_args(argv)
     merge(args.run, args.out, model=args.model, device=args.device, save_dtype=args.save_dtype)
     return 0

@@ -80,9 +80,9 @@ def parse_args(argv=None):
                     help="an option of the attention method, e.g. group=0.25, sink=4 (repeatable)")
     ap.add_argument("--sdpa-backend", choices=["flash", "cudnn", "efficient", "math"],
                     help="pin torch SDPA to one backend (with --attention sdpa)")
-    ap.add_argument("--lora-r", type=int, default=8)
-    ap.add_argument("--lora-alpha", type=float, default=16)
-    ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    ap.add_argument("--lora-alpha", type=float, default=16, help="LoRA scaling numerator (the update is alpha / r)")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     ap.add_argument("--lora-targets", nargs="+", help="module names for LoRA (default: the family's q, k, v, o)")
     ap.add_argument("--trainable", nargs="*", help="modules trained in full, PEFT modules_to_save (default: the "
                                                    "family's embeddings and norms; pass nothing for LoRA only)")

@@ -48,30 +48,31 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per process")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--steps", type=int, default=400, help="optimizer steps")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the gates (AdamW)")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--block-size", type=int, default=64, choices=[16, 32, 64, 128])
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: no clipping)")
+    ap.add_argument("--block-size", type=int, default=64, choices=[16, 32, 64, 128], help="tokens per gate block")
     ap.add_argument("--gate-dim", type=int, help="gate width (needs --q-proj unless equal to the head dim)")
     ap.add_argument("--q-proj", action="store_true", help="project pooled queries too")
-    ap.add_argument("--k-proj-per", default="head", choices=["head", "group"])
+    ap.add_argument("--k-proj-per", default="head", choices=["head", "group"],
+                    help="one key projection per query head, or per KV head (group)")
     ap.add_argument("--selection", default="head", choices=["head", "group"], help="stored default selection")
     ap.add_argument("--init-gates", help="start from these gates instead of fresh ones")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="frozen model dtype (default: bfloat16 on GPU, float32 on CPU); gates train in fp32")
-    ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved gates")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     ap.add_argument("--stop-at", type=int, help="checkpoint and stop after this step (a time-sliced job; resume "
                                                   "later with --resume and the same --steps)")
-    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
     ap.add_argument("--calibrate-windows", type=int, default=8,
                     help="after training, calibrate the gates for allocation='calibrated' on this many training "
                          "windows spread over the text (1 + 12 x layers forward passes each); 0: skip")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed for the gate initialisation and the window order")
     return ap.parse_args(argv)
 
 

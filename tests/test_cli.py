@@ -10,7 +10,8 @@ import torch
 
 from attn_patch.cli import build_parser, main
 
-SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "scripts").glob("*.py"))
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "recipes").glob("*.py"))
 REST = re.compile(r"``|:(func|class|meth|mod|attr):`|::$", re.MULTILINE)
 
 
@@ -70,7 +71,7 @@ def test_every_subcommand_help_reads_well(monkeypatch):
     assert {prog: found for prog, found in problems.items() if found} == {}
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_script_help_reads_well(script, monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "100")
     text = _script_help(script, capsys)
