@@ -26,8 +26,9 @@ print(json.dumps({"kernels": spec.origin if spec else None, "attn_patch": attn_p
 def _hf_kernels_origin() -> str | None:
     """Where ``import kernels`` resolves from a folder that holds no kernels/ (None: not installed)."""
     out = subprocess.run([sys.executable, "-c", "import importlib.util as u; s = u.find_spec('kernels');"
-                          "print(s.origin if s else '')"], cwd="/", capture_output=True, text=True, check=True)
-    return out.stdout.strip() or None
+                          "print(s.origin if s and s.origin else '')"], cwd="/", capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip() or None  # a namespace package (no origin) is not Hugging Face's library
 
 
 def _probe(cwd, env=None, prelude="") -> dict:
@@ -48,7 +49,9 @@ def test_kernels_folder_is_not_a_top_level_package():
 def test_import_from_repository_root_sees_hf_kernels():
     hf = _hf_kernels_origin()
     found = _probe(ROOT)
-    assert found["kernels"] == hf  # HF's library where installed; else nothing, or an empty namespace
+    if hf is not None:
+        assert found["kernels"] == hf
+    assert found["kernels"] is None or Path(found["kernels"]).parent != ROOT / "kernels"
     assert Path(found["reference"]) == ROOT / "kernels" / "reference.py"
     # transformers imports HF's kernels at import time: from the root it must import cleanly
     run = subprocess.run([sys.executable, "-c", "from transformers import LlamaForCausalLM; import attn_patch"],
@@ -86,4 +89,5 @@ def test_wheel_installs_kernels_under_attn_patch_only(tmp_path):
                "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n")
     found = _probe(tmp_path, env=env, prelude=prelude)
     assert Path(found["reference"]) == site / "attn_patch" / "kernels" / "reference.py"
-    assert found["kernels"] == hf
+    if hf is not None:
+        assert found["kernels"] == hf
