@@ -674,6 +674,14 @@ def _num_sms(device_index: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def as_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as the uint8 the kernels read: a free view eagerly; under torch.compile a copy,
+    since Inductor cannot lower a bool -> uint8 view (LoweringException in torch.iinfo)."""
+    if mask.dtype != torch.bool:
+        return mask
+    return mask.to(torch.uint8) if torch.compiler.is_compiling() else mask.view(torch.uint8)
+
+
 @functools.lru_cache(maxsize=None)
 def _dummy(device: torch.device) -> torch.Tensor:
     return torch.zeros((1,), dtype=torch.uint8, device=device)
@@ -688,7 +696,7 @@ class _Masks:
         self.has_kpm = key_padding is not None
         self.has_dm = dense_mask is not None
         if key_padding is not None:
-            self.kpm = key_padding.view(torch.uint8) if key_padding.dtype == torch.bool else key_padding
+            self.kpm = as_bytes(key_padding)
             self.kpm_strides = (self.kpm.stride(0), self.kpm.stride(1))
         else:
             self.kpm, self.kpm_strides = dummy, (0, 0)
@@ -696,8 +704,7 @@ class _Masks:
             dm = dense_mask
             if dm.dim() != 4:
                 raise ValueError(f"dense_mask must be 4-D [B|1, H|1, Tq, Tk], got shape {tuple(dm.shape)}")
-            dm = dm.expand(b, hq, tq, dm.shape[-1])
-            self.dm = dm.view(torch.uint8) if dm.dtype == torch.bool else dm
+            self.dm = as_bytes(dm).expand(b, hq, tq, dm.shape[-1])
             self.dm_strides = tuple(self.dm.stride())
         else:
             self.dm, self.dm_strides = dummy, (0, 0, 0, 0)

@@ -411,7 +411,7 @@ def compact_rows(head_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.empty((b, h), dtype=torch.int32, device=head_mask.device)
     if rows.numel() == 0:
         return rows, counts.zero_()
-    mask = head_mask.view(torch.uint8)
+    mask = _flash.as_bytes(head_mask)
     args = (mask, rows, counts, mask.stride(0), mask.stride(1), mask.stride(2), h, t)
     _launch_small(_COMPACT, (b * h,), args, dict(BLOCK=64 if _INTERPRETING else 1024), num_warps=4, num_stages=1)
     return rows, counts
