@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import smollm2_gguf
 
 import attn_patch
 from attn_patch.errors import ConfigError
@@ -17,15 +18,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2():
     """The embedded GGUF loaded by transformers alone: its _name_or_path is the package folder."""
-    pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM
 
-    from attn_patch.models import default_gguf_path
-
-    try:
-        path = default_gguf_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    path = smollm2_gguf()
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 

@@ -80,17 +80,22 @@ def load_script(path):
     return module
 
 
-def smollm2_tokenizer():
-    """The embedded SmolLM2's tokenizer (the test skips where gguf or the model package is missing)."""
+def smollm2_gguf():
+    """The embedded SmolLM2's GGUF file (the test skips where gguf or the model package is missing)."""
     import pytest
 
     pytest.importorskip("gguf")
-    from transformers import AutoTokenizer
-
     from attn_patch.models import default_gguf_path
 
     try:
-        path = default_gguf_path()
+        return default_gguf_path()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
+
+
+def smollm2_tokenizer():
+    """The embedded SmolLM2's tokenizer (the test skips where gguf or the model package is missing)."""
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
