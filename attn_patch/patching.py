@@ -133,8 +133,7 @@ def patch_state(model) -> PatchState | None:
     state = _state_of(model)
     if state is None:
         return None
-    running = {getattr(m.config, "_attn_implementation", None) for m in _patched_modules(model)}
-    return state if running == {IMPLEMENTATION} else None
+    return state if set(_implementations(model)) == {IMPLEMENTATION} else None
 
 
 def running_state(model, what: str) -> PatchState:
@@ -144,7 +143,7 @@ def running_state(model, what: str) -> PatchState:
         return state
     stale = _state_of(model)
     if stale is not None:
-        running = sorted({str(getattr(m.config, "_attn_implementation", None)) for m in _patched_modules(model)})
+        running = sorted(set(map(str, _implementations(model))))
         raise PatchStateError(
             f"{what}: the model was patched with {stale.method!r}, but its attention implementation was switched to "
             f"{', '.join(running)} afterwards; call attn_patch.remove(model) and apply again")
@@ -153,6 +152,11 @@ def running_state(model, what: str) -> PatchState:
 
 def _patched_modules(model) -> list:
     return [m for m in model.modules() if STATE_ATTR in m.__dict__]
+
+
+def _implementations(model) -> list:
+    """The attention implementation each patched module's config names."""
+    return [getattr(getattr(m, "config", None), "_attn_implementation", None) for m in _patched_modules(model)]
 
 
 def _state_of(model) -> PatchState | None:
