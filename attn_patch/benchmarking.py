@@ -125,3 +125,14 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def add_attention_shape_arguments(ap, providers: list[str]) -> None:
+    """The options the attention-kernel benchmarks (bench_moh, bench_s2, bench_sparse) share: the
+    head layout, which providers to time, the tensor dtype."""
+    ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("Q", "KV"),
+                    help="query heads and key/value heads")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    ap.add_argument("--providers", nargs="+", default=providers, choices=providers, metavar="NAME",
+                    help=f"what to time, one or more of {', '.join(providers)} (default: all)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="tensor dtype")

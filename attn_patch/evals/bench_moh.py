@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from ..benchmarking import RESULTS_DIR, append_rows, environment, pinned_sdpa, print_table, time_cuda
+from ..benchmarking import (RESULTS_DIR, add_attention_shape_arguments, append_rows, environment, pinned_sdpa,
+                            print_table, time_cuda)
 from ..kernels import attention_flops
 from .common import script_main
 
@@ -125,12 +126,7 @@ def add_arguments(ap) -> None:
                     help="sequence lengths (batch 1)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], metavar="R",
                     help="active query-head ratios")
-    ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("Q", "KV"),
-                    help="query heads and key/value heads")
-    ap.add_argument("--head-dim", type=int, default=128, help="head dimension")
-    ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS, metavar="NAME",
-                    help=f"what to time, one or more of {', '.join(PROVIDERS)} (default: all)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="tensor dtype")
+    add_attention_shape_arguments(ap, PROVIDERS)
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"],
                     help="fwd: forward; fwdbwd: one forward and one backward")
     ap.add_argument("--shared", nargs="+", default=["half"], choices=["half", "none"],

@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from ..benchmarking import RESULTS_DIR, append_rows, environment, pinned_sdpa, print_table, time_cuda
+from ..benchmarking import (RESULTS_DIR, add_attention_shape_arguments, append_rows, environment, pinned_sdpa,
+                            print_table, time_cuda)
 from ..kernels import attention_flops
 from .common import script_main
 
@@ -103,12 +104,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768], metavar="N",
                     help="sequence lengths (batch 1)")
     ap.add_argument("--group", type=float, default=0.25, help="group size as a fraction of the length")
-    ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("Q", "KV"),
-                    help="query heads and key/value heads")
-    ap.add_argument("--head-dim", type=int, default=128, help="head dimension")
-    ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS, metavar="NAME",
-                    help=f"what to time, one or more of {', '.join(PROVIDERS)} (default: all)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="tensor dtype")
+    add_attention_shape_arguments(ap, PROVIDERS)
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"],
                     help="fwd: forward; fwdbwd: one forward and one backward")
     ap.add_argument("--out", default=str(RESULTS_DIR / "kernels.csv"), help="results CSV to append to")
