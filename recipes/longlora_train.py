@@ -242,24 +242,26 @@ def main(argv=None) -> int:
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    pin = nullcontext
+    # --sdpa-backend holds for the whole loop, not only the forward: gradient checkpointing recomputes
+    # the layers in backward, and a recompute on another backend saves tensors of other shapes
+    # (CheckpointError) or silently times a different kernel
+    pin = nullcontext()
     if args.sdpa_backend:
         from torch.nn.attention import sdpa_kernel
 
         from attn_patch.benchmarking import sdpa_backend
 
-        pin = lambda: sdpa_kernel([sdpa_backend(args.sdpa_backend)])  # noqa: E731
+        pin = sdpa_kernel([sdpa_backend(args.sdpa_backend)])
     eos = tokenizer.eos_token_id
     if args.doc_mask and eos is None:
         raise SystemExit("--doc-mask splits windows at EOS, but the tokenizer has no eos_token_id")
 
     def micro_step(ids, answers=None):
         positions = document_positions(ids, eos) if args.doc_mask else None
-        with pin():
-            if answers is None:
-                nll, count = wrapper(ids, positions)
-                return nll / count, {"loss": nll, "tokens": count}
-            nll, count, answer_nll, n_answers = wrapper(ids, positions, answers)
+        if answers is None:
+            nll, count = wrapper(ids, positions)
+            return nll / count, {"loss": nll, "tokens": count}
+        nll, count, answer_nll, n_answers = wrapper(ids, positions, answers)
         # the answers' mean loss counts once per mixed window, whatever the batch size
         mixed = answers.any(dim=1).float().mean()
         loss = nll / count + args.retrieval_weight * mixed * answer_nll / max(n_answers, 1)
@@ -275,9 +277,10 @@ def main(argv=None) -> int:
         run_info["retrieval_mix"] = {"share": args.retrieval_mix, "facts": args.retrieval_facts,
                                      "weight": args.retrieval_weight}
 
-    final = run_steps(accelerator, args, model=wrapper, optimizer=optimizer, scheduler=scheduler, params=params,
-                      windows=windows, start=start, micro_step=micro_step, checkpoint=lambda step: save(ckpt, step),
-                      out=out, desc=f"longlora ({args.attention})", mix=mix)
+    with pin:
+        final = run_steps(accelerator, args, model=wrapper, optimizer=optimizer, scheduler=scheduler, params=params,
+                          windows=windows, start=start, micro_step=micro_step, checkpoint=lambda step: save(ckpt, step),
+                          out=out, desc=f"longlora ({args.attention})", mix=mix)
     if final is None:  # --stop-at
         return finish_run(accelerator)
     save(out, args.steps, final)

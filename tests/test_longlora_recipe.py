@@ -182,3 +182,25 @@ def test_two_process_data_parallel_launch(tiny, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads((out / "attn_patch.json").read_text())
     assert info["training"]["processes"] == 2 and info["training"]["tokens"] == 3 * SEQ * 2
+
+
+def test_sdpa_backend_stays_pinned_in_the_recomputed_backward(tiny, tmp_path, monkeypatch):
+    """--sdpa-backend math with gradient checkpointing: every SDPA call, the forward's and the ones
+    backward makes when it recomputes the layers, runs with only the math backend enabled (the pin
+    used to end with the forward: an H200 run with the flash backend died in a CheckpointError)."""
+    real = F.scaled_dot_product_attention
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append((torch.is_grad_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                      torch.backends.cuda.math_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    out = tmp_path / "run"
+    assert load_script(TRAIN).main(_args(tiny, out, "--steps", "2", "--attention", "sdpa", "--sdpa-backend", "math",
+                                         group=False)) == 0
+    layers = 2
+    assert len(calls) >= 2 * 2 * layers  # per step: the forward and the recompute of each layer
+    assert all(flags == (True, False, True) for flags in calls), calls
+    assert torch.backends.cuda.flash_sdp_enabled()  # released after the loop
