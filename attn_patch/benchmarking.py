@@ -46,6 +46,12 @@ def environment() -> dict:
     }
 
 
+def autotune_note() -> str:
+    """",autotune=off" for the extra field of a row measured with ATTN_PATCH_AUTOTUNE=0 (our kernels on
+    their first launch configuration, not the tuned one users get by default), else ""."""
+    return ",autotune=off" if os.environ.get("ATTN_PATCH_AUTOTUNE", "1") == "0" else ""
+
+
 def time_cuda(fn, warmup_ms: float = 25, rep_ms: float = 200, grad_to_none=None) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of ``fn`` with CUDA events (triton.testing.do_bench)."""
     from triton.testing import do_bench
@@ -129,10 +135,33 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
 
 def add_attention_shape_arguments(ap, providers: list[str]) -> None:
     """The options the attention-kernel benchmarks (bench_moh, bench_s2, bench_sparse) share: the
-    head layout, which providers to time, the tensor dtype."""
-    ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("Q", "KV"),
-                    help="query heads and key/value heads")
-    ap.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    head layout (given, or a named architecture's), which providers to time, the tensor dtype. Their
+    ``run`` calls :func:`attention_shape` first."""
+    from .architectures import ARCHITECTURES
+
+    ap.add_argument("--heads", type=int, nargs=2, metavar=("Q", "KV"),
+                    help="query heads and key/value heads (default: 32 8, or --arch's)")
+    ap.add_argument("--head-dim", type=int, help="head dimension (default: 128, or --arch's)")
+    ap.add_argument("--arch", metavar="NAME",
+                    help="take the heads and head dim of a named architecture: "
+                         f"{', '.join(ARCHITECTURES)} (the arch: prefix is optional)")
     ap.add_argument("--providers", nargs="+", default=providers, choices=providers, metavar="NAME",
                     help=f"what to time, one or more of {', '.join(providers)} (default: all)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="tensor dtype")
+
+
+def attention_shape(args) -> tuple[int, int, int]:
+    """Fill ``args.heads`` and ``args.head_dim`` from ``--arch`` (or the 32 / 8 heads, d=128 default)
+    and return (query heads, KV heads, head dim); giving both --arch and --heads / --head-dim is an error."""
+    from . import architectures
+    from .errors import ConfigError
+
+    if getattr(args, "arch", None):
+        if args.heads is not None or args.head_dim is not None:
+            raise ConfigError("--arch sets the heads and the head dim: give --arch or --heads / --head-dim, not both")
+        spec = args.arch if architectures.is_arch(args.arch) else architectures.PREFIX + args.arch
+        arch, _ = architectures.parse(spec)
+        args.heads, args.head_dim = [arch.heads, arch.kv_heads], arch.dim
+    args.heads = args.heads or [32, 8]
+    args.head_dim = args.head_dim or 128
+    return args.heads[0], args.heads[1], args.head_dim

@@ -63,18 +63,13 @@ def _timed(fn, device: str):
 
 def cmd_run(args) -> int:
     import attn_patch
-    from attn_patch.models import check_device, load_default_model
+    from attn_patch.evals.common import load_model
+    from attn_patch.models import check_device
 
     dtype = getattr(torch, args.dtype)
     device = str(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ({args.dtype}, {device}) ...", flush=True)
-    if args.model and not args.model.endswith(".gguf"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    else:
-        model, tokenizer = load_default_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype)
     ids = _prompt_ids(tokenizer, args.text_file, args.prompt_tokens).to(device)
     options = _parse_options(args.option)
     gen = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -123,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Load a model (default: the embedded SmolLM2-135M-Instruct), run a prompt "
                                      "and greedy generation with and without the patch, and report agreement "
                                      "and timings.", formatter_class=HelpFormatter)
-    run.add_argument("--model", help="a Hugging Face model folder or a .gguf file (default: embedded SmolLM2)")
+    run.add_argument("--model", help="a Hugging Face model folder or hub name, a .gguf file, or arch:NAME (a named "
+                                     "architecture with random weights, e.g. arch:llama-3.1-8b) (default: embedded "
+                                     "SmolLM2)")
     run.add_argument("--method", default="flash", help="attention method (see `attn-patch methods`)")
     run.add_argument("--option", action="append", metavar="NAME=VALUE",
                      help="method option, repeatable (e.g. --option backend=triton)")

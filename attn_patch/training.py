@@ -29,7 +29,9 @@ HELD_OUT = ("pride_and_prejudice", "news_from_nowhere")
 
 def add_data_arguments(ap) -> None:
     """The model and text options every training recipe takes."""
-    ap.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="HF model folder or .gguf, or arch:NAME (a named architecture with random weights, "
+                                    "e.g. arch:llama-3.1-8b: speed and memory only) (default: the embedded "
+                                    "SmolLM2-135M-Instruct)")
     ap.add_argument("--data", nargs="+", required=True, help="text files, directories, globs or hf:NAME")
     ap.add_argument("--text-field", default="text", help="column of a datasets dataset")
     ap.add_argument("--allow-eval-text", action="store_true",

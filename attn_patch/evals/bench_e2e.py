@@ -3,24 +3,33 @@ decode speed, for each method on the same tokens.
 
 * prefill: ``model(input_ids, logits_to_keep=1)`` with the KV cache filled, as in ``generate``
   (the full [N, vocab] logits would dominate memory at long contexts and no generation needs them);
-  median / p20 / p80 over repetitions after a warm-up call (Triton compiles and tunes there);
-  peak memory is ``torch.cuda.max_memory_allocated`` during one call.
-* decode: greedy ``generate`` of 1 and of ``1 + decode_tokens`` new tokens after the same prompt;
-  the difference of the medians is the decode time, reported as ms per token and tokens/s (eager
-  decoding, batch 1); where the two timings overlap (p20 of the longer run not above p80 of the
-  shorter) the difference is noise: the entry is marked ``decode_noise`` and gets no decode row.
+  median / p20 / p80 over ``--reps`` calls after a warm-up call on the same prompt (Triton
+  compiles and autotunes there); peak memory is ``torch.cuda.max_memory_allocated`` over those calls,
+  with the cache each one builds.
+* decode: greedy ``generate`` continuing from the last prefill's cache (the prompt is not run
+  again), batch 1, once with transformers' dynamic cache (eager) and once with its static cache
+  (the cache copied into a ``StaticCache``; on a GPU generate() then compiles the decoding step,
+  with CUDA graphs, as it does for ``cache_implementation="static"``). Every token's finish is
+  timed; the median interval after the first ``--skip`` steps (compilation, graph capture) is the
+  time per token.
+* a method that cannot run a measurement (out of memory, an unsupported cache, a compiler error)
+  gets the reason in its cell and in its result row.
 
-Rows go to the kernel results CSV (``bench`` = "e2e") so the README tables come from one file.
+``--model arch:llama-3.1-8b`` (qwen2.5-7b, mistral-7b, llama-3.2-1b) times a named architecture with
+random weights: speed and memory only. Rows go to the results CSV (``bench`` = "e2e") as each
+measurement finishes, so the README tables come from one file and an interrupted run keeps what it
+measured.
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import sys
 import time
 
 import torch
 
-from ..benchmarking import RESULTS_DIR, append_rows, environment, print_table
+from ..benchmarking import RESULTS_DIR, append_rows, autotune_note, environment, print_table
 from ..errors import ConfigError
 from .common import (add_common_arguments, markdown_table, max_context, parse_methods, script_main,
                      setup_from_args, write_json)
@@ -28,22 +37,13 @@ from .text import generated_filler, load_texts
 
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768)
 DEFAULT_METHODS = ("sdpa-flash", "sdpa-cudnn", "flash")
+CACHES = ("dynamic", "static")
+DECODE_MODES = {"dynamic": "decode", "static": "decode-static"}
 
 
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def _timed(fn, device, reps: int) -> list[float]:
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _quantiles(times: list[float]) -> tuple[float, float, float]:
@@ -65,81 +65,175 @@ def prompt_tokens(tokenizer, n: int, texts: list[str] | None = None) -> torch.Te
     return torch.tensor((ids * reps)[:n], dtype=torch.long)[None]
 
 
-def bench_prefill(model, ids: torch.Tensor, reps: int) -> dict:
+def bench_prefill(model, ids: torch.Tensor, reps: int):
+    """(timings and peak memory, the last call's output): ``reps`` calls of the whole prompt after one
+    warm-up call on the same prompt (kernel compilation, and autotuning, which is per length bucket)."""
     device = ids.device
 
-    def call():
-        with torch.inference_mode():
-            return model(input_ids=ids, logits_to_keep=1)
+    def call(x):
+        with torch.no_grad():  # not inference_mode: generate() later appends to this call's cache in place
+            return model(input_ids=x, logits_to_keep=1)
 
-    call()  # warm-up: compilation, autotuning, allocator
-    peak = None
+    call(ids)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        call()
+    times, out = [], None
+    for _ in range(reps):
+        out = None  # the previous call's cache goes before the next is built
         _sync(device)
+        start = time.perf_counter()
+        out = call(ids)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    p50, p20, p80 = _quantiles(times)
+    stats = {"median_ms": p50 * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3}
+    if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-        peak = {"peak_gib": peak / 2**30, "activation_gib": (peak - base) / 2**30}
-    p50, p20, p80 = _quantiles(_timed(call, device, reps))
-    return {"median_ms": p50 * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3, **(peak or {})}
+        stats.update(peak_gib=peak / 2**30, activation_gib=(peak - base) / 2**30)
+    return stats, out
 
 
-def bench_decode(model, ids: torch.Tensor, new_tokens: int, reps: int, pad_token_id: int | None) -> dict:
+class StepTimes:
+    """A stopping criterion that never stops generation and records when each token was produced
+    (after the GPU finished it: generate() waits for every step's tokens anyway)."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decode_stats(times: list[float], skip: int) -> dict:
+    """Decode speed from the moments successive tokens were produced: the intervals between them
+    after the first ``skip`` (compilation, CUDA-graph capture), median / p20 / p80 ms per token."""
+    steps = [b - a for a, b in zip(times, times[1:])][skip:]
+    if not steps:
+        raise ConfigError(f"no decode step left to time after the first {skip}: raise --decode-tokens")
+    p50, p20, p80 = _quantiles(steps)
+    return {"ms_per_token": p50 * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3, "tokens_per_s": 1.0 / p50,
+            "steps": len(steps)}
+
+
+def static_copy(model, cache, max_len: int):
+    """A transformers ``StaticCache`` of ``max_len`` positions holding what ``cache`` (the prefill's
+    dynamic cache) holds: the prompt is not run twice."""
+    from transformers import StaticCache
+
+    static = StaticCache(config=model.config, max_cache_len=max_len)
+    for i, layer in enumerate(cache.layers):
+        static.update(layer.keys, layer.values, i)
+    return static
+
+
+def bench_decode(model, ids: torch.Tensor, output, caches, new_tokens: int, skip: int,
+                 pad_token_id: int | None) -> dict:
+    """Greedy ``generate`` of ``1 + skip + new_tokens`` tokens continuing the prefill ``output`` (its
+    cache holds the prompt ``ids``), once per cache kind: "dynamic" (transformers' default, eager) and
+    "static" (``StaticCache``: generate() compiles the decoding step where transformers does, on
+    GPUs). Returns {cache kind: decode_stats or {"error": why}}."""
     device = ids.device
-    mask = torch.ones_like(ids)
+    prompt = torch.cat([ids, output.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    steps = 1 + skip + new_tokens  # the first token's finish starts the clock: skip + new_tokens intervals
+    # transformers >= 5.25 names the cache "cache" (output field and generate() argument), before that
+    # "past_key_values"
+    name = "cache" if "cache" in output else "past_key_values"
+    made = {}
+    if "static" in caches:
+        try:
+            made["static"] = static_copy(model, output[name], prompt.shape[1] + steps)
+        except torch.cuda.OutOfMemoryError:
+            made["static"] = "out of memory (copying the prompt's cache into a StaticCache)"
+    if "dynamic" in caches:
+        made["dynamic"] = output[name]
+    result = {}
+    for kind in caches:
+        cache = made.pop(kind)
+        if isinstance(cache, str):
+            result[kind] = {"error": cache}
+            continue
+        timer = StepTimes(device)
+        try:
+            with torch.no_grad():
+                model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **{name: cache},
+                               max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                               pad_token_id=pad_token_id, stopping_criteria=[timer])
+            result[kind] = decode_stats(timer.times, skip)
+        except Exception as exc:  # noqa: BLE001  (the cell says why this method cannot decode so)
+            result[kind] = {"error": failure(exc)}
+        finally:
+            del cache
+            if kind == "static":
+                _forget_compiled(model)
+    return result
 
-    def generate(n):
-        with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=pad_token_id)
 
-    generate(2)  # warm-up: the decode kernels compile on the first cached step
-    one = _timed(lambda: generate(1), device, reps)
-    many = _timed(lambda: generate(1 + new_tokens), device, reps)
-    return decode_speed(one, many, new_tokens)
-
-
-def decode_speed(one: list[float], many: list[float], new_tokens: int) -> dict:
-    """Decode speed from the times (s) of generate(1) and of generate(1 + new_tokens): the difference of
-    their medians per token, when the two stand apart (generate(1 + n)'s p20 above generate(1)'s p80).
-    Otherwise the difference is timing noise, and the entry says so (``decode_noise``) instead of a speed."""
-    one_median, _, one_p80 = _quantiles(one)
-    many_median, many_p20, _ = _quantiles(many)
-    if many_p20 <= one_p80:
-        return {"decode_noise": f"generate(1 + {new_tokens}) {many_median * 1e3:.3g} ms vs generate(1) "
-                                f"{one_median * 1e3:.3g} ms: no decode time to tell from the noise "
-                                "(raise --decode-tokens or --reps)"}
-    per_token = (many_median - one_median) / new_tokens
-    return {"ms_per_token": per_token * 1e3, "tokens_per_s": 1.0 / per_token}
+def _forget_compiled(model) -> None:
+    """Drop what generate() compiled for a static cache, so the next method compiles its own step and
+    the CUDA graphs' memory is returned."""
+    model.__dict__.pop("_compiled_call", None)
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def run_benchmark(model, tokenizer, methods, lengths, *, decode_tokens: int = 32, reps: int = 5,
-                  texts: list[str] | None = None, allow_beyond_context: bool = False,
-                  show_progress: bool = True) -> list[dict]:
-    """One result per (method, length): prefill timing and memory, decode speed."""
+def failure(exc: BaseException) -> str:
+    """One line naming why a measurement could not run: out of memory, or the error's first line
+    and, when the message goes on (a compiler's report), its last one, where the cause usually is."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0] if len(lines) == 1 else f"{lines[0][:100]} ... {lines[-1]}"
+    return f"{type(exc).__name__}: {text[:240]}"
+
+
+def run_benchmark(model, tokenizer, methods, lengths, *, decode_tokens: int = 32, decode_lengths=None,
+                  caches=CACHES, skip: int = 3, reps: int = 5, texts: list[str] | None = None,
+                  allow_beyond_context: bool = False, show_progress: bool = True, on_entry=None) -> list[dict]:
+    """One entry per (length, method): prefill timing and memory, and after the lengths in
+    ``decode_lengths`` (default: all) decode speed per cache kind. A method that cannot run a
+    measurement gets the reason instead (``error`` for the prefill, ``{"error": ...}`` per cache).
+    ``on_entry(entry)`` is called as each entry is done (results are saved as they come)."""
     limit = max_context(model)
     too_long = [n for n in lengths if limit and n > limit]
     if too_long and not allow_beyond_context:
         raise ConfigError(f"lengths {too_long} exceed the model's {limit} positions: pass --rope-scaling "
                           f"(e.g. linear:{-(-max(too_long) // limit)}) to extend the context")
+    decode_lengths = set(lengths if decode_lengths is None else decode_lengths)
+    if missing := sorted(decode_lengths - set(lengths)):
+        raise ConfigError(f"decode lengths {missing} are not among the prompt lengths {list(lengths)}")
+    if unknown := [c for c in caches if c not in CACHES]:
+        raise ConfigError(f"cache kinds {unknown}: use {' and/or '.join(CACHES)}")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = []
     for n in lengths:
         ids = prompt_tokens(tokenizer, n, texts).to(device)
         for spec in methods:
-            with spec.context(model):
-                entry = {"method": spec.label, "length": n}
-                try:
-                    entry.update(bench_prefill(model, ids, reps))
-                    if decode_tokens:
-                        entry.update(bench_decode(model, ids, decode_tokens, reps, pad))
-                except torch.cuda.OutOfMemoryError:
-                    entry["error"] = "out of memory"
+            entry = {"method": spec.label, "length": n}
+            output = None
+            try:
+                with spec.context(model):
+                    stats, output = bench_prefill(model, ids, reps)
+                    entry.update(stats)
+                    if decode_tokens and n in decode_lengths:
+                        entry["decode"] = bench_decode(model, ids, output, caches, decode_tokens, skip, pad)
+            except Exception as exc:  # noqa: BLE001  (the cell says why this method cannot run here)
+                entry = {"method": spec.label, "length": n, "error": failure(exc)}
+            finally:
+                output = None
+                gc.collect()  # a failed measurement's traceback holds its caches until collected
+                if device.type == "cuda":
                     torch.cuda.empty_cache()
             results.append(entry)
+            if on_entry is not None:
+                on_entry(entry)
             if show_progress:
                 print(_progress_line(entry), file=sys.stderr, flush=True)
     return results
@@ -151,65 +245,89 @@ def _progress_line(e: dict) -> str:
     parts = [f"prefill {e['median_ms']:.1f} ms"]
     if "peak_gib" in e:
         parts.append(f"peak {e['peak_gib']:.2f} GiB")
-    if "tokens_per_s" in e:
-        parts.append(f"decode {e['tokens_per_s']:.1f} tok/s")
-    if "decode_noise" in e:
-        parts.append(f"decode not measured: {e['decode_noise']}")
+    for kind, d in e.get("decode", {}).items():
+        parts.append(f"decode ({kind} cache) " + (f"{d['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in d
+                                                  else d["error"]))
     return f"# {e['method']} N={e['length']}: " + ", ".join(parts)
 
 
+def model_label(model) -> str:
+    """The model as the results name it: ``arch:NAME (random weights)``, else the file or folder name."""
+    from .common import model_name
+
+    name = model_name(model)
+    return name if name.startswith("arch:") else f"{model.config.model_type}:{name.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+def _clean(text: str) -> str:
+    return text.replace(",", ";").replace("\n", " ")
+
+
 def to_rows(results: list[dict], model, dtype, env: dict) -> list[dict]:
-    """Rows for the results CSV: one 'prefill' row per measured entry, and one 'decode' row where the
-    decode time stood out of the noise."""
+    """Rows for the results CSV: per entry a 'prefill' row, and a 'decode' (dynamic cache) or
+    'decode-static' row per cache kind timed; what could not run is a row with ``error=`` in extra
+    and no time, so the README's cells say why too."""
     cfg = model.config
     hq = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
     hkv = getattr(cfg, "num_key_value_heads", None) or hq
     from ..families import head_dim
 
-    name = (getattr(cfg, "name_or_path", "") or cfg.model_type).rstrip("/").rsplit("/", 1)[-1]
+    model_part = f"model={model_label(model)}{autotune_note()}"
     rows = []
     for e in results:
-        if "error" in e:
-            continue
         common = dict(env, bench="e2e", provider=e["method"], dtype=str(dtype).replace("torch.", ""), batch=1,
                       heads_q=hq, heads_kv=hkv, head_dim=head_dim(cfg), causal=True)
-        mem = f",peak_gib={e['peak_gib']:.2f}" if "peak_gib" in e else ""
-        rows.append(dict(common, mode="prefill", q_len=e["length"], kv_len=e["length"],
-                         extra=f"{cfg.model_type}:{name}{mem}", median_ms=round(e["median_ms"], 3),
+        prefill = dict(common, mode="prefill", q_len=e["length"], kv_len=e["length"])
+        if "error" in e:
+            rows.append(dict(prefill, extra=f"{model_part},error={_clean(e['error'])}"))
+            continue
+        mem = "".join(f",{k}={e[k]:.2f}" for k in ("peak_gib", "activation_gib") if k in e)
+        rows.append(dict(prefill, extra=model_part + mem, median_ms=round(e["median_ms"], 3),
                          p20_ms=round(e["p20_ms"], 3), p80_ms=round(e["p80_ms"], 3)))
-        if "ms_per_token" in e:
-            rows.append(dict(common, mode="decode", q_len=1, kv_len=e["length"],
-                             extra=f"{cfg.model_type}:{name},tokens_per_s={e['tokens_per_s']:.1f}",
-                             median_ms=round(e["ms_per_token"], 4)))
+        for kind, d in e.get("decode", {}).items():
+            row = dict(common, mode=DECODE_MODES[kind], q_len=1, kv_len=e["length"])
+            if "error" in d:
+                rows.append(dict(row, extra=f"{model_part},error={_clean(d['error'])}"))
+            else:
+                rows.append(dict(row, extra=f"{model_part},tokens_per_s={d['tokens_per_s']:.1f},steps={d['steps']}",
+                                 median_ms=round(d["ms_per_token"], 4), p20_ms=round(d["p20_ms"], 4),
+                                 p80_ms=round(d["p80_ms"], 4)))
     return rows
 
 
-def format_table(results: list[dict]) -> tuple[list[str], list[list]]:
-    header = ["length", "method", "prefill ms", "vs first", "peak GiB", "decode tok/s"]
+def format_table(results: list[dict], caches=CACHES) -> tuple[list[str], list[list]]:
+    header = ["length", "method", "prefill ms", "vs first", "peak GiB"] + [f"decode tok/s ({c})" for c in caches]
     first = {}
     body = []
     for e in results:
         if "error" in e:
-            body.append([e["length"], e["method"], e["error"], "", "", ""])
+            body.append([e["length"], e["method"], e["error"], "", ""] + [""] * len(caches))
             continue
         base = first.setdefault(e["length"], e["median_ms"])
+        decode = e.get("decode", {})
         body.append([e["length"], e["method"], f"{e['median_ms']:.1f}", f"{base / e['median_ms']:.2f}x",
-                     f"{e['peak_gib']:.2f}" if "peak_gib" in e else "-",
-                     _decode_cell(e)])
+                     f"{e['peak_gib']:.2f}" if "peak_gib" in e else "-"]
+                    + [_decode_cell(decode.get(c)) for c in caches])
     return header, body
 
 
-def _decode_cell(e: dict) -> str:
-    if "tokens_per_s" in e:
-        return f"{e['tokens_per_s']:.1f}"
-    return "noise" if "decode_noise" in e else "-"
+def _decode_cell(d: dict | None) -> str:
+    if d is None:
+        return "-"
+    return f"{d['tokens_per_s']:.1f}" if "tokens_per_s" in d else d["error"]
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), metavar="N",
                         help="prompt lengths in tokens")
     parser.add_argument("--decode-tokens", type=int, default=32,
-                        help="tokens generated to time decoding (0 skips the decode measurement)")
+                        help="decode steps timed per cache kind (0 skips the decode measurement)")
+    parser.add_argument("--decode-lengths", type=int, nargs="+", metavar="N",
+                        help="prompt lengths after which decoding is timed (default: every length)")
+    parser.add_argument("--cache", nargs="+", default=list(CACHES), choices=list(CACHES),
+                        help="KV caches to decode with: dynamic (eager) and/or static (compiled by generate() on a GPU)")
+    parser.add_argument("--skip", type=int, default=3,
+                        help="decode steps left out before timing (compilation, CUDA-graph capture)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement")
     parser.add_argument("--data", nargs="+", help="text for the prompts (files, folders, globs; default: a "
                                                   "built-in filler, repeated)")
@@ -223,26 +341,47 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     parse_methods(args.method, args.default_methods)  # fail on a typo before loading anything
+    for option, value, least in (("--reps", args.reps, 1), ("--decode-tokens", args.decode_tokens, 0),
+                                 ("--skip", args.skip, 0)):
+        if value < least:
+            raise ConfigError(f"{option} must be at least {least}, got {value}")
     texts = [d.text for d in load_texts(args.data)] if args.data else None
     model, tokenizer, methods, device, dtype = setup_from_args(args)
     env = environment()
+    name = model_label(model)
     print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  transformers {env['transformers']}  "
-          f"{model.config.model_type} {dtype}")
-    results = run_benchmark(model, tokenizer, methods, args.lengths, decode_tokens=args.decode_tokens,
-                            reps=args.reps, texts=texts, allow_beyond_context=args.allow_beyond_context)
-    header, body = format_table(results)
-    print_table([dict(zip(header, map(str, row))) for row in body], header)
-    if any("decode_noise" in e for e in results):
-        print("# decode 'noise': generating more tokens did not take clearly longer; no decode row is written")
-    rows = to_rows(results, model, dtype, env)
-    if not args.no_save and rows:
-        print(f"# appended {len(rows)} rows to {append_rows(rows, args.results)}")
+          f"{name}  {dtype}")
+    out = None
     if args.out:
         from pathlib import Path
 
-        write_json({"environment": env, "rope_parameters": getattr(model.config, "rope_parameters", None),
-                    "results": results}, Path(args.out) / "e2e.json")
-        (Path(args.out) / "e2e.md").write_text(markdown_table(header, body) + "\n")
+        out = Path(args.out)
+    saved = []
+
+    done: list[dict] = []
+    rope = getattr(model.config, "rope_parameters", None)
+
+    def keep(entry):  # rows and JSON as each measurement finishes: an interrupted run keeps what it measured
+        done.append(entry)
+        if not args.no_save:
+            rows = to_rows([entry], model, dtype, env)
+            append_rows(rows, args.results)
+            saved.extend(rows)
+        if out is not None:
+            write_json({"environment": env, "model": name, "rope_parameters": rope, "results": done}, out / "e2e.json")
+
+    results = run_benchmark(model, tokenizer, methods, args.lengths, decode_tokens=args.decode_tokens,
+                            decode_lengths=args.decode_lengths, caches=tuple(args.cache), skip=args.skip,
+                            reps=args.reps, texts=texts, allow_beyond_context=args.allow_beyond_context,
+                            on_entry=keep)
+    header, body = format_table(results, tuple(args.cache))
+    print(f"\n{name}, {dtype}, batch 1; prefill median of {args.reps}; decode tokens/s after the prompt "
+          f"(median of {args.decode_tokens} steps)")
+    print_table([dict(zip(header, map(str, row))) for row in body], header)
+    if saved:
+        print(f"# appended {len(saved)} rows to {args.results}")
+    if out is not None:
+        (out / "e2e.md").write_text(f"{name}, {dtype}\n\n" + markdown_table(header, body) + "\n")
     return 0
 
 

@@ -18,11 +18,24 @@ import torch
 import torch.nn.functional as F
 
 from ..benchmarking import RESULTS_DIR, append_rows, cuda_graphed, environment, print_table, time_cuda
+from ..errors import ConfigError
 from ..kernels import attention_flops
 from .common import script_main
 
 PROVIDERS = ["attn_patch", "sdpa-flash", "sdpa-cudnn", "flex"]
 SHAPES = {"llama": (32, 8, 128), "smollm2": (9, 3, 64)}
+
+
+def shape_of(name: str) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of a --shapes entry: a name in SHAPES or ``arch:NAME``."""
+    from ..architectures import is_arch, parse
+
+    if is_arch(name):
+        arch, _ = parse(name)
+        return arch.heads, arch.kv_heads, arch.dim
+    if name not in SHAPES:
+        raise ConfigError(f"shape {name!r}: use {', '.join(SHAPES)} or a named architecture (arch:llama-3.1-8b, ...)")
+    return SHAPES[name]
 
 
 def make_inputs(batch, hq, hkv, tq, tk, d, dtype, requires_grad):
@@ -80,7 +93,7 @@ def rel_err(a, b):
 
 
 def bench_one(env, provider, mode, shape_name, batch, tq, tk, dtype, causal, graph=False):
-    hq, hkv, d = SHAPES[shape_name]
+    hq, hkv, d = shape_of(shape_name)
     needs_grad = mode == "bwd"
     q, k, v = make_inputs(batch, hq, hkv, tq, tk, d, dtype, needs_grad)
     try:
@@ -115,7 +128,7 @@ def correctness(shape_name, batch, n, dtype):
 
     from attn_patch.kernels.flash import flash_attention
 
-    hq, hkv, d = SHAPES[shape_name]
+    hq, hkv, d = shape_of(shape_name)
     q, k, v = make_inputs(batch, hq, hkv, n, n, d, dtype, True)
     o = flash_attention(q, k, v, causal=True)[0]
     do = torch.randn_like(o)
@@ -134,8 +147,9 @@ def add_arguments(ap) -> None:
                     help="KV-cache lengths for the decode benchmark (q_len = 1)")
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16], metavar="B",
                     help="batch sizes for the decode benchmark")
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
-                    help="head shapes: llama = 32 q / 8 kv heads, d=128; smollm2 = 9 q / 3 kv heads, d=64")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), metavar="SHAPE",
+                    help="head shapes: llama = 32 q / 8 kv heads, d=128; smollm2 = 9 q / 3 kv heads, d=64; or a "
+                         "named architecture's, e.g. arch:qwen2.5-7b (28 q / 4 kv heads, d=128)")
     ap.add_argument("--modes", nargs="+", default=["fwd", "bwd", "decode"], choices=["fwd", "bwd", "decode"],
                     help="fwd: prefill forward; bwd: prefill backward; decode: one query row on a KV cache, "
                          "eager and CUDA-graphed")
@@ -153,6 +167,8 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    for shape in args.shapes:
+        shape_of(shape)  # a bad name fails before the GPU check
     if not torch.cuda.is_available():
         sys.exit("bench_kernels needs a CUDA GPU (the Triton kernels do not run compiled on CPU)")
     dtype = getattr(torch, args.dtype)

@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from ..benchmarking import (RESULTS_DIR, add_attention_shape_arguments, append_rows, environment, pinned_sdpa,
-                            print_table, time_cuda)
+from ..benchmarking import (RESULTS_DIR, add_attention_shape_arguments, append_rows, attention_shape, environment,
+                            pinned_sdpa, print_table, time_cuda)
 from ..kernels import attention_flops
 from .common import script_main
 
@@ -243,6 +243,7 @@ def add_arguments(ap) -> None:
 
 
 def run(args) -> int:
+    attention_shape(args)  # a bad --arch fails before the GPU check
     if not torch.cuda.is_available():
         sys.exit("bench sparse needs a CUDA GPU")
     env = environment()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import architectures
 from ..errors import ConfigError
 from ..models import (check_device, is_terminal, load_default_model, parse_rope_scaling, quiet_loading_bars,
                       with_rope_scaling)
@@ -122,12 +123,15 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def load_model(model: str | os.PathLike | None = None, *, device: str | None = None, dtype="float32",
                rope_scaling: str | dict | None = None):
-    """(model, tokenizer) from a Hugging Face folder / hub name, a .gguf file, or (None) the embedded
-    SmolLM2. ``rope_scaling`` is "linear:4", "yarn:4", "theta:1e6:4"... or a dict, for contexts beyond the
-    model's trained length."""
+    """(model, tokenizer) from a Hugging Face folder / hub name, a .gguf file, (None) the embedded
+    SmolLM2, or ``arch:NAME`` (a named architecture with seeded random weights, built on the device,
+    for speed and memory only: :mod:`attn_patch.architectures`). ``rope_scaling`` is "linear:4",
+    "yarn:4", "theta:1e6:4"... or a dict, for contexts beyond the model's trained length."""
     device = str(check_device(device or default_device()))
     dtype = resolve_dtype(dtype)
     scaling = parse_rope_scaling(rope_scaling)
+    if architectures.is_arch(model):
+        return architectures.build_model(model, device=device, dtype=dtype, rope_scaling=scaling)
     if model is None or str(model).endswith(".gguf"):
         return load_default_model(model, dtype=dtype, device=device, rope_scaling=scaling)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -154,12 +158,19 @@ def max_context(model) -> int | None:
     return limit
 
 
+def model_name(model) -> str:
+    """How results name a model: ``arch:NAME (random weights)`` for a named architecture, else its
+    file, folder or hub name (or its model type)."""
+    name = str(getattr(model.config, "name_or_path", "") or model.config.model_type)
+    return f"{name} (random weights)" if architectures.is_arch(name) else name
+
+
 def describe_run(model, device: str, dtype) -> dict:
     """Environment and model facts stored with every result file."""
     from ..benchmarking import environment
 
     info = environment()
-    info.update(model=getattr(model.config, "name_or_path", "") or model.config.model_type,
+    info.update(model=model_name(model),
                 model_type=model.config.model_type, device=str(device), dtype=str(dtype).replace("torch.", ""),
                 rope_parameters=getattr(model.config, "rope_parameters", None),
                 max_position_embeddings=getattr(model.config, "max_position_embeddings", None),
@@ -248,7 +259,9 @@ class _NoBar:
 
 def add_common_arguments(parser, *, default_methods: tuple[str, ...] = ("sdpa", "flash")) -> None:
     """--model, --method, --device, --dtype, --rope-scaling, --out, --seed: the same on every subcommand."""
-    parser.add_argument("--model", help="Hugging Face model folder or hub name, or a .gguf file "
+    parser.add_argument("--model", help="Hugging Face model folder or hub name, a .gguf file, or a named architecture "
+                                        "with random weights for speed and memory only (arch:llama-3.1-8b, "
+                                        f"{', '.join('arch:' + n for n in list(architectures.ARCHITECTURES)[1:])}) "
                                         "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", action="append", metavar="SPEC",
                         help="configuration to evaluate, repeatable: 'sdpa' (the original model; "
