@@ -2,8 +2,9 @@
 """Build the README's benchmark tables from results/kernels.csv.
 
 Takes, for each GPU, the newest row of every (provider, mode, shape, lengths) and writes Markdown
-tables between the ``<!-- results:NAME:start/end -->`` markers of README.md (kernels, e2e: whole-model
-prefill and decode, sparse: block-sparse, train-step: the LongLoRA recipe's step, moh: head-routed
+tables between the ``<!-- results:NAME:start/end -->`` markers of README.md (kernels, e2e-scale and
+train-step-scale: the named 8B-class architectures with random weights, e2e: whole-model prefill and
+decode of real models, sparse: block-sparse, train-step: the LongLoRA recipe's step, moh: head-routed
 attention), or prints them with --print.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from attn_patch.evals.common import HelpFormatter  # noqa: E402
 
 BASELINES = ["sdpa-flash", "sdpa-cudnn", "flex"]
 MARKERS = {"kernels": ("<!-- results:kernels:start -->", "<!-- results:kernels:end -->"),
+           "e2e-scale": ("<!-- results:e2e-scale:start -->", "<!-- results:e2e-scale:end -->"),
+           "train-step-scale": ("<!-- results:train-step-scale:start -->", "<!-- results:train-step-scale:end -->"),
            "e2e": ("<!-- results:e2e:start -->", "<!-- results:e2e:end -->"),
            "sparse": ("<!-- results:sparse:start -->", "<!-- results:sparse:end -->"),
            "train-step": ("<!-- results:train-step:start -->", "<!-- results:train-step:end -->"),
@@ -73,33 +76,105 @@ def _extra(row, name):
     return None
 
 
-def e2e_tables(rows) -> str:
-    """Whole-model prefill (ms, peak GiB) and eager decode (tokens/s) per length and method."""
-    # keyed by the model only: the rest of "extra" is measured (peak memory, tokens/s)
-    latest = _latest([r for r in rows if r.get("bench") == "e2e"], extra=lambda e: e.split(",")[0])
+def _model(extra: str) -> str:
+    """The model a whole-model row measured: ``model=NAME`` in its extra (older rows: the first part)."""
+    first = extra.split(",")[0]
+    return first.removeprefix("model=")
+
+
+def _model_order(name: str):
+    """Named architectures first (8B before the rest, in the table's order), then real models."""
+    from attn_patch.architectures import ARCHITECTURES
+
+    names = list(ARCHITECTURES)
+    arch = name.removeprefix("arch:").split(" ")[0]
+    return (0, names.index(arch), name) if name.startswith("arch:") and arch in names else (1, 0, name)
+
+
+def _error(row, width: int = 90) -> str | None:
+    """Why a row did not run, cut to ``width`` characters for a table cell (the row keeps it whole)."""
+    text = _extra_text(row, "error")
+    if text == "?":
+        return None
+    return text if len(text) <= width else text[:width - 1].rstrip() + "…"
+
+
+def _method_order(m: str):
+    return (m not in ("sdpa", "sdpa-flash", "sdpa-cudnn"), ["sdpa", "sdpa-flash", "sdpa-cudnn"].index(m)
+            if m in ("sdpa", "sdpa-flash", "sdpa-cudnn") else 0, m)
+
+
+def _scale(rows, which):
+    """The rows of named architectures (which="arch") or of real models (which="real"), or all (None)."""
+    if which is None:
+        return rows
+    return [r for r in rows if _model(r["extra"]).startswith("arch:") == (which == "arch")]
+
+
+def e2e_tables(rows, which=None) -> str:
+    """Whole-model prefill (ms, memory) and decode (tokens/s, dynamic and static cache) per model,
+    length and method; the named 8B-class architectures first (``which``: only "arch" or only
+    "real" models). A cell that could not run says why; † marks our kernels on fixed launch
+    configurations (measured with ATTN_PATCH_AUTOTUNE=0, not the tuned default)."""
+    latest = _latest([r for r in _scale(rows, which) if r.get("bench") == "e2e"], extra=_model)
     out = []
-    for gpu in sorted({k[0] for k in latest}):
-        mine = {k: v for k, v in latest.items() if k[0] == gpu}
-        methods = sorted({k[1] for k in mine}, key=lambda m: (m != "sdpa-flash", m != "sdpa-cudnn", m))
-        lengths = sorted({int(k[6]) for k in mine if k[2] == "prefill"})
-        model = next(iter(mine.values()))["extra"].split(",")[0]
+    groups = sorted({(k[0], k[3]) for k in latest}, key=lambda g: (_model_order(g[1]), g[0]))
+    for gpu, model in groups:
+        mine = {k: v for k, v in latest.items() if k[0] == gpu and k[3] == model}
+        methods = sorted({k[1] for k in mine}, key=_method_order)
         r0 = next(iter(mine.values()))
-        out.append(f"**{gpu}**, {model}, torch {r0['torch']}, transformers {r0['transformers']}, {r0['dtype']}, "
-                   "batch 1; prefill: median ms (peak GiB); decode: tokens/s, eager `generate`\n")
-        out.append("| tokens | " + " | ".join(f"{m} prefill" for m in methods) + " | "
-                   + " | ".join(f"{m} decode" for m in methods) + " |")
-        out.append("|---" * (1 + 2 * len(methods)) + "|")
+        random = model.startswith("arch:")
+        out.append(f"**{gpu}**, {model}{': speed and memory only' if random else ''}, torch {r0['torch']}, "
+                   f"transformers {r0['transformers']}, {r0['dtype']}, batch 1\n")
+        fixed = any("autotune=off" in r["extra"] and not r["provider"].startswith("sdpa") for r in mine.values())
+
+        def cell(mode, m, n):
+            return next((v for k, v in mine.items() if k[1] == m and k[2] == mode and int(k[6]) == n), None)
+
+        lengths = sorted({int(k[6]) for k in mine if k[2] == "prefill"})
+        base = {n: cell("prefill", "sdpa-flash", n) for n in lengths}
+        added = any(_extra(r, "activation_gib") is not None for r in mine.values())
+        out.append("Prefill: median ms (speed-up over SDPA-flash; " + ("memory the call adds to the loaded model, "
+                   "cache included" if added else "peak GiB") + ")" + ("; † fixed launch configurations "
+                   "(ATTN_PATCH_AUTOTUNE=0)" if fixed else "") + "\n")
+        out.append("| tokens | " + " | ".join(methods) + " |")
+        out.append("|---" * (1 + len(methods)) + "|")
         for n in lengths:
             cells = []
             for m in methods:
-                r = next((v for k, v in mine.items() if k[1] == m and k[2] == "prefill" and int(k[6]) == n), None)
-                peak = _extra(r, "peak_gib") if r else None
-                cells.append(f"{float(r['median_ms']):.1f} ms ({peak:.2f})" if r and peak is not None
-                             else (f"{float(r['median_ms']):.1f} ms" if r else "-"))
-            for m in methods:
-                r = next((v for k, v in mine.items() if k[1] == m and k[2] == "decode" and int(k[6]) == n), None)
-                cells.append(f"{_extra(r, 'tokens_per_s'):.0f}" if r else "-")
+                r = cell("prefill", m, n)
+                if r is None:
+                    cells.append("-")
+                elif _error(r):
+                    cells.append(f"did not run: {_error(r)}")
+                else:
+                    ms = float(r["median_ms"])
+                    ref = base[n]
+                    speed = f"{float(ref['median_ms']) / ms:.2f}x" if ref and ref.get("median_ms") else ""
+                    peak = _extra(r, "activation_gib") if added else _extra(r, "peak_gib")
+                    gib = "" if peak is None else f"{peak:.2f} GiB" if peak < 10 else f"{peak:.1f} GiB"
+                    inner = "; ".join(x for x in (speed, ("+" if added else "") + gib if gib else "") if x)
+                    mark = "†" if "autotune=off" in r["extra"] and not m.startswith("sdpa") else ""
+                    cells.append(f"{ms:.1f} ms{mark}" + (f" ({inner})" if inner else ""))
             out.append(f"| {n} | " + " | ".join(cells) + " |")
+        decode = [(mode, n) for mode in ("decode", "decode-static") for n in sorted({int(k[6]) for k in mine
+                                                                                   if k[2] == mode})]
+        if decode:
+            out.append("\nDecode after the prompt: tokens/s, batch 1, greedy `generate` (dynamic cache: eager; "
+                       "static cache: the step compiled by transformers, CUDA graphs)\n")
+            out.append("| prompt | cache | " + " | ".join(methods) + " |")
+            out.append("|---" * (2 + len(methods)) + "|")
+            for mode, n in decode:
+                cells = []
+                for m in methods:
+                    r = cell(mode, m, n)
+                    if r is None:
+                        cells.append("-")
+                    elif _error(r):
+                        cells.append(f"did not run: {_error(r)}")
+                    else:
+                        cells.append(f"{_extra(r, 'tokens_per_s'):.1f}")
+                out.append(f"| {n} | {'static' if mode == 'decode-static' else 'dynamic'} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -158,31 +233,39 @@ def sparse_tables(rows) -> str:
     return "\n".join(out)
 
 
-def train_step_tables(rows) -> str:
-    """The LongLoRA recipe's training step per attention (scripts/bench_train_step.py)."""
-    latest = _latest([r for r in rows if r.get("bench") == "train-step"],
+def train_step_tables(rows, which=None) -> str:
+    """The recipes' training steps per attention (scripts/bench_train_step.py), per model and length;
+    the named 8B-class architectures first (``which`` as for e2e_tables). What did not run says why."""
+    latest = _latest([r for r in _scale(rows, which) if r.get("bench") == "train-step"],
                      extra=lambda e: ",".join(p for p in e.split(",") if p.startswith(("model=", "group="))))
     names = {"longlora": "S2-Attn (ours)", "flash": "dense (ours)", "sdpa-flash": "SDPA flash",
-             "sdpa-cudnn": "SDPA cuDNN"}
+             "sdpa-cudnn": "SDPA cuDNN", "seer-distill": "seer gate distillation (frozen model, gates trained)"}
     out = []
-    for gpu in sorted({k[0] for k in latest}):
-        mine = {k: v for k, v in latest.items() if k[0] == gpu}
-        for n in sorted({int(k[5]) for k in mine}):
-            here = {k[1]: v for k, v in mine.items() if int(k[5]) == n}
-            if "longlora" not in here:
+    groups = sorted({(k[0], _model(k[3]), int(k[5])) for k in latest},
+                    key=lambda g: (_model_order(g[1]), g[0], g[2]))
+    for gpu, model, n in groups:
+        here = {k[1]: v for k, v in latest.items() if k[0] == gpu and _model(k[3]) == model and int(k[5]) == n}
+        s2 = here.get("longlora")
+        s2_ms = float(s2["median_ms"]) if s2 and not _error(s2) else None
+        r0 = next(iter(here.values()))
+        random = model.startswith("arch:")
+        out.append(f"**{gpu}**, torch {r0['torch']}, transformers {r0['transformers']}, {model}"
+                   f"{' (speed and memory only)' if random and 'random' not in model else ''}, {n} tokens, batch 1, "
+                   f"group {_extra_text(r0, 'group')}; median step ms (forward, backward, AdamW) and peak GiB"
+                   + ("; † our kernels on fixed launch configurations (ATTN_PATCH_AUTOTUNE=0)"
+                      if any("autotune=off" in r["extra"] for r in here.values()) else "") + "\n")
+        out.append("| step | time | peak memory | S2 speed-up |")
+        out.append("|---|---|---|---|")
+        for p in sorted(here, key=lambda p: list(names).index(p) if p in names else 9):
+            r = here[p]
+            if _error(r):
+                out.append(f"| {names.get(p, p)} | did not run: {_error(r)} | | |")
                 continue
-            s2 = float(here["longlora"]["median_ms"])
-            r0 = here["longlora"]
-            out.append(f"**{gpu}**, torch {r0['torch']}, transformers {r0['transformers']}, "
-                       f"{_extra_text(r0, 'model')}, {n} tokens, batch 1, group {_extra_text(r0, 'group')}; "
-                       "median step ms (forward, backward, AdamW) and peak GiB\n")
-            out.append("| attention | step | peak memory | S2 speed-up |")
-            out.append("|---|---|---|---|")
-            for p in sorted(here, key=lambda p: list(names).index(p) if p in names else 9):
-                r = here[p]
-                out.append(f"| {names.get(p, p)} | {float(r['median_ms']):.1f} ms | {_extra(r, 'peak_gib'):.2f} GiB | "
-                           f"{float(r['median_ms']) / s2:.2f}x |")
-            out.append("")
+            ms = float(r["median_ms"])
+            speed = f"{ms / s2_ms:.2f}x" if s2_ms and p != "seer-distill" else "-"
+            mark = "†" if "autotune=off" in r["extra"] and not p.startswith("sdpa") else ""
+            out.append(f"| {names.get(p, p)} | {ms:.1f} ms{mark} | {_extra(r, 'peak_gib'):.2f} GiB | {speed} |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -240,8 +323,9 @@ def main(argv=None):
     ap.add_argument("--print", action="store_true", help="print the tables instead of editing the README")
     args = ap.parse_args(argv)
     rows = read_rows(args.results)
-    texts = {"kernels": tables(rows), "e2e": e2e_tables(rows), "sparse": sparse_tables(rows),
-             "train-step": train_step_tables(rows), "moh": moh_tables(rows)}
+    texts = {"kernels": tables(rows), "e2e-scale": e2e_tables(rows, "arch"),
+             "train-step-scale": train_step_tables(rows, "arch"), "e2e": e2e_tables(rows, "real"),
+             "sparse": sparse_tables(rows), "train-step": train_step_tables(rows, "real"), "moh": moh_tables(rows)}
     if args.print:
         print("\n\n".join(texts.values()))
         return
