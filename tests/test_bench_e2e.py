@@ -196,3 +196,14 @@ def test_readme_train_step_tables_show_failures_and_the_distillation_step():
     assert "| S2-Attn (ours) | 1000.0 ms | 80.50 GiB | 1.00x |" in text
     assert "| SDPA flash | did not run: out of memory (139 GiB GPU) | | |" in text
     assert "| seer gate distillation (frozen model, gates trained) | 3000.0 ms | 40.00 GiB | - |" in text
+
+
+def test_static_decode_refuses_a_sliding_window_cache():
+    """Mistral with a sliding window keeps only the window in its cache layers: copying them into a
+    StaticCache would misplace positions, so that cell says why instead of timing wrong work."""
+    model = build("mistral")  # sliding_window=6
+    results = bench_e2e.run_benchmark(model, _Tokenizer(), parse_methods(["sdpa"]), [20], decode_tokens=2, skip=1,
+                                      reps=1, show_progress=False)
+    (entry,) = results
+    assert "tokens_per_s" in entry["decode"]["dynamic"]
+    assert "full-attention" in entry["decode"]["static"]["error"]

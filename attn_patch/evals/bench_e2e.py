@@ -124,6 +124,10 @@ def static_copy(model, cache, max_len: int):
     dynamic cache) holds: the prompt is not run twice."""
     from transformers import StaticCache
 
+    if kinds := sorted({type(layer).__name__ for layer in cache.layers} - {"DynamicLayer"}):
+        # a sliding-window layer keeps only its window: copying it would misplace the positions
+        raise ConfigError(f"the prompt's cache has {', '.join(kinds)} layers: decoding from a copied static cache "
+                          "is for full-attention models (use --cache dynamic)")
     static = StaticCache(config=model.config, max_cache_len=max_len)
     for i, layer in enumerate(cache.layers):
         static.update(layer.keys, layer.values, i)
@@ -148,6 +152,8 @@ def bench_decode(model, ids: torch.Tensor, output, caches, new_tokens: int, skip
             made["static"] = static_copy(model, output[name], prompt.shape[1] + steps)
         except torch.cuda.OutOfMemoryError:
             made["static"] = "out of memory (copying the prompt's cache into a StaticCache)"
+        except ConfigError as exc:
+            made["static"] = str(exc)
     if "dynamic" in caches:
         made["dynamic"] = output[name]
     result = {}
