@@ -122,7 +122,9 @@ def test_a_failed_measurement_says_why_in_its_cell_and_row(monkeypatch):
                                       show_progress=False)
     sdpa, flash = results
     assert "tokens_per_s" in sdpa["decode"]["dynamic"]
-    assert sdpa["decode"]["static"] == {"error": "RuntimeError: no kernel for this cache, try another ... second line"}
+    assert sdpa["decode"]["static"]["error"] == "RuntimeError: no kernel for this cache, try another ... second line"
+    assert sdpa["decode"]["static"]["detail"] == "RuntimeError: no kernel for this cache, try another\nsecond line"
+    assert flash.pop("detail").startswith("OutOfMemoryError: CUDA out of memory")
     assert flash == {"method": "flash:backend=reference", "length": 20, "error": "out of memory"}
     assert model.config._attn_implementation == "sdpa"
     rows = bench_e2e.to_rows(results, model, torch.float32, {})
@@ -207,3 +209,19 @@ def test_static_decode_refuses_a_sliding_window_cache():
     (entry,) = results
     assert "tokens_per_s" in entry["decode"]["dynamic"]
     assert "full-attention" in entry["decode"]["static"]["error"]
+
+
+def test_a_compiler_report_is_summarised_by_the_error_raised_inside_it():
+    """Inductor wraps a subprocess's traceback and ends with advice; the cell must name the error
+    that was raised inside, and the JSON keeps the whole report."""
+    report = ("SubprocException: An exception occurred in a subprocess:\n\nTraceback (most recent call last):\n"
+              '  File "x.py", line 3, in f\n    g()\nAssertionError: shared memory 262144 exceeds 232448\n\n'
+              "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're "
+              "reporting a bug to PyTorch).")
+    exc = RuntimeError(report)
+    line = bench_e2e.failure(exc)
+    assert line.startswith("RuntimeError: SubprocException")
+    assert line.endswith("AssertionError: shared memory 262144 exceeds 232448")
+    assert "TORCHDYNAMO_VERBOSE" in bench_e2e.detail(exc)
+    assert bench_e2e.failure(ValueError("one line")) == "ValueError: one line"
+    assert bench_e2e.failure(ValueError("first\nsecond")) == "ValueError: first ... second"

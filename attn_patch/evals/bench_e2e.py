@@ -23,6 +23,7 @@ measured.
 from __future__ import annotations
 
 import gc
+import re
 import statistics
 import sys
 import time
@@ -170,7 +171,7 @@ def bench_decode(model, ids: torch.Tensor, output, caches, new_tokens: int, skip
                                pad_token_id=pad_token_id, stopping_criteria=[timer])
             result[kind] = decode_stats(timer.times, skip)
         except Exception as exc:  # noqa: BLE001  (the cell says why this method cannot decode so)
-            result[kind] = {"error": failure(exc)}
+            result[kind] = {"error": failure(exc), "detail": detail(exc)}
         finally:
             del cache
             if kind == "static":
@@ -187,16 +188,32 @@ def _forget_compiled(model) -> None:
         torch.cuda.empty_cache()
 
 
+# lines a compiler report ends with that say how to get more output, not what went wrong
+_BOILERPLATE = ("Set TORCHDYNAMO_VERBOSE", "You can suppress", "For more information", "Traceback (most recent",
+                "To execute this test", "from user code", "The above exception")
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b:")
+
+
 def failure(exc: BaseException) -> str:
     """One line naming why a measurement could not run: out of memory, or the error's first line
-    and, when the message goes on (a compiler's report), its last one, where the cause usually is."""
+    and, when the message goes on (a compiler's report, a subprocess's traceback), the last raised
+    error inside it, which is where the cause is (else its last line that is not boilerplate)."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "out of memory"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    text = lines[0] if len(lines) == 1 else f"{lines[0][:100]} ... {lines[-1]}"
+    text = lines[0]
+    rest = [line for line in lines[1:] if not line.startswith(_BOILERPLATE)]
+    if rest:
+        raised = [line for line in rest if _RAISED.match(line)]
+        text = f"{lines[0][:100]} ... {(raised or rest)[-1]}"
     return f"{type(exc).__name__}: {text[:240]}"
+
+
+def detail(exc: BaseException) -> str:
+    """The error's whole message (the JSON keeps it; tables and rows show ``failure``)."""
+    return f"{type(exc).__name__}: {exc}"[:20000]
 
 
 def run_benchmark(model, tokenizer, methods, lengths, *, decode_tokens: int = 32, decode_lengths=None,
@@ -231,7 +248,7 @@ def run_benchmark(model, tokenizer, methods, lengths, *, decode_tokens: int = 32
                     if decode_tokens and n in decode_lengths:
                         entry["decode"] = bench_decode(model, ids, output, caches, decode_tokens, skip, pad)
             except Exception as exc:  # noqa: BLE001  (the cell says why this method cannot run here)
-                entry = {"method": spec.label, "length": n, "error": failure(exc)}
+                entry = {"method": spec.label, "length": n, "error": failure(exc), "detail": detail(exc)}
             finally:
                 output = None
                 gc.collect()  # a failed measurement's traceback holds its caches until collected
