@@ -96,6 +96,10 @@ def _error(row, width: int = 90) -> str | None:
     text = _extra_text(row, "error")
     if text == "?":
         return None
+    if len(text) > width and " ... " in text:  # a long report summarised as "outer: ... inner": keep the outer type and the inner error
+        outer, inner = text.split(" ... ", 1)
+        outer = outer.split(":", 1)[0]
+        text = outer if inner.startswith("Set TORCHDYNAMO") else f"{outer} ({inner.rstrip(':')})"
     return text if len(text) <= width else text[:width - 1].rstrip() + "…"
 
 

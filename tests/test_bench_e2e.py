@@ -184,6 +184,10 @@ def test_readme_e2e_tables_put_the_8b_shape_first_and_say_what_did_not_run():
     assert order == sorted(order)
     assert "| 8 | 200.0 ms (1.00x; 20.0 GiB) | 100.0 ms (2.00x; 20.0 GiB) |" in text
     assert "| 8 | static | 50.0 | did not run: BackendCompilerFailed: boom |" in text
+    long_report = ("InductorError: SubprocException: An exception occurred in a subprocess: ... "
+                   "triton.compiler.errors.CompilationError: at 53:14:")
+    cell = _readme_tables()._error({"extra": f"{big},error={long_report}"})
+    assert cell == "InductorError (triton.compiler.errors.CompilationError: at 53:14)"
     assert "speed and memory only" in text
 
 
