@@ -96,7 +96,9 @@ def _error(row, width: int = 90) -> str | None:
     text = _extra_text(row, "error")
     if text == "?":
         return None
-    if len(text) > width and " ... " in text:  # a long report summarised as "outer: ... inner": keep the outer type and the inner error
+    # bench e2e summarises a long report as "outer: ... inner"; keep the outer type and the inner error.
+    # Rows written before it skipped Inductor's closing advice have that advice as "inner": drop it.
+    if len(text) > width and " ... " in text:
         outer, inner = text.split(" ... ", 1)
         outer = outer.split(":", 1)[0]
         text = outer if inner.startswith("Set TORCHDYNAMO") else f"{outer} ({inner.rstrip(':')})"
